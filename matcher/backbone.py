@@ -1,0 +1,86 @@
+"""ResNet-FPN 8/2 backbone: a 1/8 coarse map and a 1/2 fine map from a grayscale image."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv1x1(in_dim: int, out_dim: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_dim, out_dim, kernel_size=1, stride=stride, bias=False)
+
+
+def conv3x3(in_dim: int, out_dim: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a (projected when strided) residual."""
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_dim, out_dim, stride)
+        self.conv2 = conv3x3(out_dim, out_dim)
+        self.bn1 = nn.BatchNorm2d(out_dim)
+        self.bn2 = nn.BatchNorm2d(out_dim)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1:
+            self.downsample = nn.Sequential(conv1x1(in_dim, out_dim, stride), nn.BatchNorm2d(out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.relu(x + y)
+
+
+def _fpn_merge(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``fine`` plus ``coarse`` upsampled 2x (bilinear, align_corners) and cropped to ``fine``'s size.
+
+    For sides that are not multiples of 8 the finer map can be one cell smaller than twice the coarser
+    one; cropping keeps cell i of the finer map reading the coarser map as the published weights expect.
+    """
+    up = F.interpolate(coarse, scale_factor=2.0, mode="bilinear", align_corners=True)
+    return fine + up[..., : fine.shape[2], : fine.shape[3]]
+
+
+class ResNetFPN(nn.Module):
+    """ResNet-FPN 8/2.
+
+    Input ``(B, 1, H, W)``; outputs ``(B, block_dims[2], ceil(H/8), ceil(W/8))`` and
+    ``(B, block_dims[0], ceil(H/2), ceil(W/2))``. Coarse cell (x, y) sits on pixel (8x, 8y), fine cell
+    (x, y) on pixel (2x, 2y), for any image size.
+    """
+
+    def __init__(self, initial_dim: int, block_dims: list[int]) -> None:
+        super().__init__()
+        d1, d2, d3 = block_dims
+        self.conv1 = nn.Conv2d(1, initial_dim, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(initial_dim)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(initial_dim, d1, 1), BasicBlock(d1, d1))  # 1/2
+        self.layer2 = nn.Sequential(BasicBlock(d1, d2, 2), BasicBlock(d2, d2))  # 1/4
+        self.layer3 = nn.Sequential(BasicBlock(d2, d3, 2), BasicBlock(d3, d3))  # 1/8
+        self.layer3_outconv = conv1x1(d3, d3)
+        self.layer2_outconv = conv1x1(d2, d3)
+        self.layer2_outconv2 = nn.Sequential(conv3x3(d3, d3), nn.BatchNorm2d(d3), nn.LeakyReLU(), conv3x3(d3, d2))
+        self.layer1_outconv = conv1x1(d1, d2)
+        self.layer1_outconv2 = nn.Sequential(conv3x3(d2, d2), nn.BatchNorm2d(d2), nn.LeakyReLU(), conv3x3(d2, d1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1 = self.layer1(self.relu(self.bn1(self.conv1(image))))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        coarse = self.layer3_outconv(x3)
+        x2_out = self.layer2_outconv2(_fpn_merge(self.layer2_outconv(x2), coarse))
+        fine = self.layer1_outconv2(_fpn_merge(self.layer1_outconv(x1), x2_out))
+        return coarse, fine

@@ -1,0 +1,184 @@
+"""Coarse matching (dual softmax + mutual nearest neighbour) and fine refinement (window expectation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def dual_softmax(
+    feat0: torch.Tensor,
+    feat1: torch.Tensor,
+    temperature: float,
+    mask0: torch.Tensor | None = None,
+    mask1: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dual-softmax confidence ``(B, L0, L1)`` of tokens ``(B, L0, C)`` and ``(B, L1, C)``.
+
+    Features are scaled by 1/sqrt(C) each, the similarity divided by ``temperature``; masked (False)
+    rows / columns get zero confidence.
+    """
+    c = feat0.shape[-1]
+    sim = torch.einsum("blc,bsc->bls", feat0, feat1) / (c * temperature)
+    invalid = None
+    if mask0 is not None:
+        invalid = ~mask0[:, :, None]
+    if mask1 is not None:
+        invalid = ~mask1[:, None, :] if invalid is None else invalid | ~mask1[:, None, :]
+    if invalid is not None:
+        sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
+    conf = F.softmax(sim, 1) * F.softmax(sim, 2)
+    if invalid is not None:
+        conf = conf.masked_fill(invalid, 0.0)
+    return conf
+
+
+def valid_extent(mask: torch.Tensor | None, b: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns ``(B,)`` each of the unpadded part of a coarse grid, read off its padding mask."""
+    if mask is None:
+        return torch.full((b,), h, device=device), torch.full((b,), w, device=device)
+    grid = mask.reshape(b, h, w)
+    return grid.any(2).sum(1), grid.any(1).sum(1)
+
+
+def off_border(b: int, h: int, w: int, border: int, mask: torch.Tensor | None, device) -> torch.Tensor:
+    """``(B, h * w)`` bool: cells at least ``border`` cells inside the valid (unpadded) extent."""
+    rows = torch.arange(h, device=device)[None, :, None]
+    cols = torch.arange(w, device=device)[None, None, :]
+    h_end, w_end = valid_extent(mask, b, h, w, device)
+    keep = (rows >= border) & (cols >= border)
+    keep = keep & (rows < h_end[:, None, None] - border) & (cols < w_end[:, None, None] - border)
+    return keep.reshape(b, h * w)
+
+
+def mutual_nearest_matches(
+    conf: torch.Tensor,
+    thr: float,
+    border: int,
+    hw0: tuple[int, int],
+    hw1: tuple[int, int],
+    mask0: torch.Tensor | None = None,
+    mask1: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coarse matches: confidence above ``thr``, mutual maximum, both cells off the border.
+
+    Returns ``b_ids, i_ids, j_ids, mconf``, each ``(M,)``.
+    """
+    b = conf.shape[0]
+    row_max, j_best = conf.max(dim=2)
+    col_max = conf.amax(dim=1)
+    keep0 = off_border(b, *hw0, border, mask0, conf.device)
+    keep1 = off_border(b, *hw1, border, mask1, conf.device)
+    valid = (row_max > thr) & (torch.gather(col_max, 1, j_best) == row_max)
+    valid &= keep0 & torch.gather(keep1, 1, j_best)
+    b_ids, i_ids = torch.where(valid)
+    return b_ids, i_ids, j_best[b_ids, i_ids], row_max[b_ids, i_ids]
+
+
+def pad_with_ground_truth(
+    b_ids: torch.Tensor,
+    i_ids: torch.Tensor,
+    j_ids: torch.Tensor,
+    mconf: torch.Tensor,
+    spv: dict[str, torch.Tensor],
+    num_train: int,
+    num_gt_min: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training: keep at most ``num_train - num_gt_min`` predictions and pad with ground-truth matches
+    (confidence 0) up to ``num_train`` (at least ``num_gt_min`` of them), so the fine stage always learns."""
+    device = b_ids.device
+    num_pred = len(b_ids)
+    if num_pred <= num_train - num_gt_min:
+        pred = torch.arange(num_pred, device=device)
+    else:
+        pred = torch.randint(num_pred, (num_train - num_gt_min,), device=device)
+    num_gt = len(spv["spv_b_ids"])
+    if num_gt == 0:
+        return b_ids[pred], i_ids[pred], j_ids[pred], mconf[pred]
+    gt = torch.randint(num_gt, (max(num_train - num_pred, num_gt_min),), device=device)
+    zeros = torch.zeros(len(gt), device=device, dtype=mconf.dtype)
+    return (
+        torch.cat([b_ids[pred], spv["spv_b_ids"][gt]]),
+        torch.cat([i_ids[pred], spv["spv_i_ids"][gt]]),
+        torch.cat([j_ids[pred], spv["spv_j_ids"][gt]]),
+        torch.cat([mconf[pred], zeros]),
+    )
+
+
+def cell_coordinates(ids: torch.Tensor, width: int, stride: int) -> torch.Tensor:
+    """Pixel position ``(M, 2)`` (x, y) of coarse cells: cell (x, y) sits on pixel (stride x, stride y)."""
+    return torch.stack([ids % width, ids // width], dim=1).float() * stride
+
+
+def gather_windows(feat: torch.Tensor, b_ids: torch.Tensor, ids: torch.Tensor, window: int, stride: int, grid_w: int) -> torch.Tensor:
+    """Windows ``(M, window**2, C)`` of a fine map ``(B, C, Hf, Wf)`` centred on fine cell ``stride * cell``
+    of each coarse cell ``ids`` (grid width ``grid_w``), zero outside the map (as F.unfold with padding)."""
+    pad = window // 2
+    padded = F.pad(feat, (pad, pad, pad, pad))
+    offsets = torch.arange(window, device=ids.device)
+    rows = (ids // grid_w * stride)[:, None] + offsets
+    cols = (ids % grid_w * stride)[:, None] + offsets
+    win = padded[b_ids[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (M, w, w, C)
+    return win.reshape(len(ids), window * window, feat.shape[1])
+
+
+class FinePreprocess(nn.Module):
+    """Crops the fine windows of every coarse match and merges the coarse feature into them."""
+
+    def __init__(self, d_coarse: int, d_fine: int, window: int, concat_coarse: bool = True) -> None:
+        super().__init__()
+        self.window, self.concat_coarse, self.d_fine = window, concat_coarse, d_fine
+        if concat_coarse:
+            self.down_proj = nn.Linear(d_coarse, d_fine, bias=True)
+            self.merge_feat = nn.Linear(2 * d_fine, d_fine, bias=True)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
+
+    def forward(
+        self,
+        feat_f0: torch.Tensor,
+        feat_f1: torch.Tensor,
+        feat_c0: torch.Tensor,
+        feat_c1: torch.Tensor,
+        b_ids: torch.Tensor,
+        i_ids: torch.Tensor,
+        j_ids: torch.Tensor,
+        w0c: int,
+        w1c: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fine maps ``(B, Cf, Hf, Wf)``, coarse tokens ``(B, L, Cc)`` -> windows ``(M, W*W, Cf)`` each."""
+        ww = self.window**2
+        if len(b_ids) == 0:
+            empty = feat_f0.new_zeros(0, ww, self.d_fine)
+            return empty, empty.clone()
+        win0 = gather_windows(feat_f0, b_ids, i_ids, self.window, 4, w0c)
+        win1 = gather_windows(feat_f1, b_ids, j_ids, self.window, 4, w1c)
+        if not self.concat_coarse:
+            return win0, win1
+        coarse = self.down_proj(torch.cat([feat_c0[b_ids, i_ids], feat_c1[b_ids, j_ids]], 0))
+        merged = self.merge_feat(torch.cat([torch.cat([win0, win1], 0), coarse[:, None].expand(-1, ww, -1)], -1))
+        return merged.chunk(2, dim=0)
+
+
+def window_expectation(feat_f0: torch.Tensor, feat_f1: torch.Tensor) -> torch.Tensor:
+    """Correlate the centre of window 0 with window 1; softmax; expectation and std.
+
+    Args: ``(M, W*W, C)`` each. Returns ``(M, 3)``: expected (x, y) in [-1, 1] window coordinates
+    and the summed standard deviation of x and y.
+    """
+    m, ww, c = feat_f1.shape
+    w = int(math.isqrt(ww))
+    if m == 0:
+        return feat_f1.new_zeros(0, 3)
+    centre = feat_f0[:, ww // 2]
+    heat = torch.softmax(torch.einsum("mc,mrc->mr", centre, feat_f1) / c**0.5, dim=1)
+    lin = torch.linspace(-1, 1, w, device=heat.device, dtype=heat.dtype)
+    grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).reshape(ww, 2)  # (x, y), row-major
+    mean = heat @ grid
+    var = heat @ grid**2 - mean**2
+    std = torch.where(var > 1e-10, var.clamp_min(1e-10).sqrt(), torch.full_like(var, 1e-5)).sum(-1)
+    return torch.cat([mean, std[:, None]], -1)

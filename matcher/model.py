@@ -1,0 +1,242 @@
+"""The matcher: backbone -> position encoding -> coarse transformer -> coarse matching -> fine refinement."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .backbone import ResNetFPN
+from .config import load_config
+from .image_io import ImageLike, load_gray, resize_long_side
+from .matching import FinePreprocess, cell_coordinates, dual_softmax, mutual_nearest_matches, pad_with_ground_truth
+from .matching import window_expectation
+from .position_encoding import sine_position_encoding
+from .transformer import LocalFeatureTransformer
+from .weights import load_strict, read_state_dict
+
+#: Folder of the weights shipped with the project: ``NAME.safetensors`` beside ``NAME.yaml``.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+OUTPUT_KEYS = ("keypoints0", "keypoints1", "confidence", "batch_indexes")
+
+
+def _check_images(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    for key in ("image0", "image1"):
+        if key not in batch:
+            raise ValueError(f"batch needs '{key}'")
+        img = batch[key]
+        if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[1] != 1:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"{key} must be a (B, 1, H, W) tensor, got {shape}")
+        if min(img.shape[2:]) < 8:
+            raise ValueError(f"{key} is smaller than one coarse cell (8 px): {tuple(img.shape[2:])}")
+    if batch["image0"].shape[0] != batch["image1"].shape[0]:
+        raise ValueError("image0 and image1 need the same batch size")
+    return batch["image0"], batch["image1"]
+
+
+def _pad_grid(feat: torch.Tensor, mask: torch.Tensor | None, multiple: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zero-pad a map ``(B, C, h, w)`` bottom-right to sides divisible by ``multiple``; the returned mask
+    ``(B, h', w')`` marks the original valid cells (None when nothing is padded or masked)."""
+    b, _, h, w = feat.shape
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return feat, mask
+    if mask is None:
+        mask = torch.ones(b, h, w, dtype=torch.bool, device=feat.device)
+    return F.pad(feat, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=False)
+
+
+class Matcher(nn.Module):
+    """LoFTR-style dense matcher with a QuadTree (or linear / full) attention coarse transformer.
+
+    Example:
+        >>> m = Matcher(load_config("lite")).eval()
+        >>> out = m({"image0": torch.rand(1, 1, 240, 320), "image1": torch.rand(1, 1, 200, 300)})
+        >>> sorted(out)
+        ['batch_indexes', 'confidence', 'keypoints0', 'keypoints1']
+    """
+
+    def __init__(self, config: DictConfig | str | None = None) -> None:
+        super().__init__()
+        if config is None or isinstance(config, (str, Path)):
+            config = load_config(config)
+        self.config = copy.deepcopy(config)
+        cfg = self.config
+        self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims))
+        c = cfg.coarse
+        self.loftr_coarse = LocalFeatureTransformer(
+            c.d_model, c.nhead, list(c.layer_names), c.attention, c.attn_type, list(c.topks), c.mlp_ratio
+        )
+        self.fine_preprocess = FinePreprocess(c.d_model, cfg.fine.d_model, cfg.fine_window_size, cfg.fine_concat_coarse_feat)
+        f = cfg.fine
+        self.loftr_fine = LocalFeatureTransformer(f.d_model, f.nhead, list(f.layer_names), f.attention)
+
+    # ----------------------------------------------------------------------------------------- stages
+    def extract_features(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Backbone maps ``coarse0, fine0, coarse1, fine1``; one pass when both images share a size
+        (also what batch norm sees in training). Coarse maps carry the position encoding."""
+        if image0.shape == image1.shape:
+            coarse, fine = self.backbone(torch.cat([image0, image1]))
+            (c0, c1), (f0, f1) = coarse.chunk(2), fine.chunk(2)
+        else:
+            (c0, f0), (c1, f1) = self.backbone(image0), self.backbone(image1)
+        c0, c1 = (c + self._position_encoding(c) for c in (c0, c1))
+        return c0, f0, c1, f1
+
+    def _position_encoding(self, feat: torch.Tensor) -> torch.Tensor:
+        h, w = feat.shape[2:]
+        return sine_position_encoding(feat.shape[1], h, w, self.config.coarse.temp_bug_fix, feat.device, feat.dtype)
+
+    def coarse_transform(
+        self, c0: torch.Tensor, c1: torch.Tensor, mask0: torch.Tensor | None, mask1: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse maps ``(B, C, h, w)`` and masks ``(B, h, w)`` -> transformed tokens ``(B, h*w, C)``.
+
+        Grids are padded to the divisibility QuadTree needs and cropped back; padding is masked.
+        """
+        hw0, hw1 = tuple(c0.shape[2:]), tuple(c1.shape[2:])
+        multiple = self.loftr_coarse.divisibility
+        p0, pm0 = _pad_grid(c0, mask0, multiple)
+        p1, pm1 = _pad_grid(c1, mask1, multiple)
+        t0, t1 = (p.flatten(2).transpose(1, 2) for p in (p0, p1))
+        m0, m1 = (None if m is None else m.flatten(1) for m in (pm0, pm1))
+        t0, t1 = self.loftr_coarse(t0, t1, tuple(p0.shape[2:]), tuple(p1.shape[2:]), m0, m1)
+        crop = lambda t, hw, phw: t.unflatten(1, phw)[:, : hw[0], : hw[1]].flatten(1, 2)  # noqa: E731
+        return crop(t0, hw0, tuple(p0.shape[2:])), crop(t1, hw1, tuple(p1.shape[2:]))
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, Any], internals: bool = False) -> dict[str, Any]:
+        """Match a batch of image pairs.
+
+        Args:
+            batch: ``image0`` ``(B, 1, H0, W0)`` and ``image1`` ``(B, 1, H1, W1)`` in [0, 1] (any sizes);
+                optional ``mask0`` / ``mask1`` ``(B, H, W)`` bool (False = padding). In training mode with
+                ground truth (``spv_b_ids``, ``spv_i_ids``, ``spv_j_ids``) the fine stage is padded with
+                ground-truth matches. The batch is never modified.
+            internals: also return what training and visualisation need (``conf_matrix``, ``expec_f``,
+                ``b_ids``, ``i_ids``, ``j_ids``, ``mconf``, ``gt_mask``, ``hw0_c``, ``hw1_c``, ...).
+        Returns:
+            A new dict: ``keypoints0`` ``(M, 2)``, ``keypoints1`` ``(M, 2)`` (x, y) in pixels of the input
+            images (coarse cell (x, y) sits on pixel (8x, 8y)), ``confidence`` ``(M,)``,
+            ``batch_indexes`` ``(M,)``.
+        """
+        image0, image1 = _check_images(batch)
+        cfg = self.config
+        c0, f0, c1, f1 = self.extract_features(image0, image1)
+        hw0, hw1 = tuple(c0.shape[2:]), tuple(c1.shape[2:])
+        mask0, mask1 = (batch[k][:, ::8, ::8].bool() if k in batch else None for k in ("mask0", "mask1"))
+        t0, t1 = self.coarse_transform(c0, c1, mask0, mask1)
+
+        mc = cfg.match_coarse
+        fm0, fm1 = (None if m is None else m.flatten(1) for m in (mask0, mask1))
+        conf = dual_softmax(t0, t1, mc.dsmax_temperature, fm0, fm1)
+        with torch.no_grad():
+            b_ids, i_ids, j_ids, mconf = mutual_nearest_matches(conf, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1)
+            if self.training and "spv_b_ids" in batch:
+                num_train = int(self._max_candidates(conf, fm0, fm1) * mc.train_coarse_percent)
+                b_ids, i_ids, j_ids, mconf = pad_with_ground_truth(
+                    b_ids, i_ids, j_ids, mconf, batch, num_train, mc.train_pad_num_gt_min
+                )
+
+        win0, win1 = self.fine_preprocess(f0, f1, t0, t1, b_ids, i_ids, j_ids, hw0[1], hw1[1])
+        if len(b_ids):
+            win0, win1 = self.loftr_fine(win0, win1)
+        expec_f = window_expectation(win0, win1)
+
+        kpts0 = cell_coordinates(i_ids, hw0[1], 8).to(t0.dtype)
+        kpts1_c = cell_coordinates(j_ids, hw1[1], 8).to(t0.dtype)
+        kpts1 = kpts1_c + expec_f[:, :2].detach() * (cfg.fine_window_size // 2) * 2
+        pred = mconf > 0  # ground-truth pads carry confidence 0
+        out = {
+            "keypoints0": kpts0[pred],
+            "keypoints1": kpts1[pred],
+            "confidence": mconf[pred],
+            "batch_indexes": b_ids[pred],
+        }
+        if internals:
+            out.update(
+                conf_matrix=conf, expec_f=expec_f, b_ids=b_ids, i_ids=i_ids, j_ids=j_ids, mconf=mconf,
+                gt_mask=~pred, mkpts0_c=kpts0[pred], mkpts1_c=kpts1_c[pred], hw0_c=hw0, hw1_c=hw1,
+                hw0_f=tuple(f0.shape[2:]), hw1_f=tuple(f1.shape[2:]),
+            )
+        return out
+
+    @staticmethod
+    def _max_candidates(conf: torch.Tensor, mask0: torch.Tensor | None, mask1: torch.Tensor | None) -> int:
+        b, l0, l1 = conf.shape
+        n0 = mask0.sum(1) if mask0 is not None else torch.full((b,), l0, device=conf.device)
+        n1 = mask1.sum(1) if mask1 is not None else torch.full((b,), l1, device=conf.device)
+        return int(torch.minimum(n0, n1).sum())
+
+    # ----------------------------------------------------------------------------------------- weights
+    def load_weights(self, path: str | Path) -> "Matcher":
+        """Load a checkpoint strictly: a Lightning ``.ckpt`` (``state_dict``, ``matcher.`` prefix), a plain
+        ``.pt`` / ``.pth`` state dict, or ``.safetensors``. Names and shapes must fit this config."""
+        load_strict(self, read_state_dict(path), source=str(path))
+        return self
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "default", config: DictConfig | str | None = None) -> "Matcher":
+        """Build a matcher with weights, in eval mode.
+
+        ``name_or_path``: the name of weights shipped in ``matcher/weights/`` (``NAME.safetensors`` with its
+        ``NAME.yaml`` config), or a checkpoint path. For a path, ``config`` (a config or its name) gives the
+        architecture; by default a ``.yaml`` beside the checkpoint with the same stem, else the defaults.
+        """
+        path = Path(name_or_path)
+        if not path.suffix:  # a shipped name
+            path = WEIGHTS_DIR / f"{name_or_path}.safetensors"
+            if not path.is_file():
+                shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
+                raise ValueError(f"no shipped weights named {str(name_or_path)!r}; shipped: {shipped or 'none yet'}")
+        if config is None and path.with_suffix(".yaml").is_file():
+            config = str(path.with_suffix(".yaml"))
+        return cls(config).load_weights(path).eval()
+
+    # ----------------------------------------------------------------------------------------- convenience
+    @torch.inference_mode()
+    def match(self, image0: ImageLike, image1: ImageLike, resize: int | None | str = "config") -> dict[str, np.ndarray]:
+        """Match two images of any size and channel count.
+
+        Args:
+            image0, image1: paths, numpy arrays ``(H, W[, C])`` (uint8, uint16 or float in [0, 1]; RGB[A]
+                channels are converted to gray) or channels-first tensors.
+            resize: long side the images are resized to; "config" takes ``inference.resize``; None keeps
+                the sizes.
+        Returns:
+            numpy ``keypoints0`` ``(M, 2)`` and ``keypoints1`` ``(M, 2)`` in the ORIGINAL pixel coordinates
+            of each image, ``confidence`` ``(M,)``.
+        Raises:
+            ValueError: for a missing or unreadable file, an empty array, NaN values or an image smaller
+            than one coarse cell.
+        """
+        long_side = self.config.inference.resize if resize == "config" else resize
+        device = next(self.parameters()).device
+        tensors, scales = [], []
+        for name, image in (("image0", image0), ("image1", image1)):
+            gray, scale = resize_long_side(load_gray(image, name), long_side)
+            tensors.append(torch.from_numpy(np.ascontiguousarray(gray))[None, None].to(device))
+            scales.append(scale)
+        out = self({"image0": tensors[0], "image1": tensors[1]})
+        return {
+            "keypoints0": out["keypoints0"].float().cpu().numpy() * scales[0],
+            "keypoints1": out["keypoints1"].float().cpu().numpy() * scales[1],
+            "confidence": out["confidence"].float().cpu().numpy(),
+        }
+
+    def extra_repr(self) -> str:
+        c = self.config.coarse
+        return f"attention={c.attention}{'-' + c.attn_type if c.attention == 'quadtree' else ''}, d_model={c.d_model}"
+
+
+def config_to_dict(config: DictConfig) -> dict[str, Any]:
+    """Plain-dict copy of a config, for saving beside weights or in checkpoints."""
+    return OmegaConf.to_container(config, resolve=True)

@@ -1,0 +1,207 @@
+"""Transformer layers: LoFTR's linear-attention layer and the QuadTree block, and the interleaved
+self / cross stacks built from them.
+
+Tokens are ``(B, N, C)`` in row-major grid order; layers that need the grid take its ``(h, w)``.
+Masks are ``(B, N)`` bool, False = padded token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import _split_heads, full_attention, linear_attention, pool_levels, quadtree_attention
+
+
+def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
+    """``(B, N, C)`` -> ``(B, nhead, N, C / nhead)``."""
+    b, n, c = x.shape
+    return x.view(b, n, nhead, c // nhead).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, nhead, N, D)`` -> ``(B, N, nhead * D)``."""
+    b, nh, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, nh * d)
+
+
+class LoFTREncoderLayer(nn.Module):
+    """LoFTR's post-norm layer: message = norm1(merge(attn)), x + norm2(mlp([x, message]))."""
+
+    def __init__(self, d_model: int, nhead: int, attention: str = "linear") -> None:
+        super().__init__()
+        self.nhead = nhead
+        self.attention = attention
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.merge = nn.Linear(d_model, d_model, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * d_model, 2 * d_model, bias=False), nn.ReLU(True), nn.Linear(2 * d_model, d_model, bias=False)
+        )
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = (_heads(proj(t), self.nhead) for proj, t in ((self.q_proj, x), (self.k_proj, source), (self.v_proj, source)))
+        attend = linear_attention if self.attention == "linear" else full_attention
+        message = self.norm1(self.merge(_merge_heads(attend(q, k, v, source_mask))))
+        return x + self.norm2(self.mlp(torch.cat([x, message], dim=-1)))
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depthwise convolution over the token grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=True)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+        if mask is not None:  # padded tokens read as zeros, like the border of an unpadded grid
+            x = x * mask[..., None].to(x.dtype)
+        grid = x.transpose(1, 2).reshape(b, c, *hw)
+        return self.dwconv(grid).flatten(2).transpose(1, 2)
+
+
+class QuadtreeMLP(nn.Module):
+    """fc1 -> ReLU -> depthwise 3x3 conv -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DepthwiseConv(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+        return self.fc2(F.gelu(self.dwconv(F.relu(self.fc1(x)), hw, mask)))
+
+
+class LevelMixture(nn.Module):
+    """Holds the learnable level-mixture logits of QuadTree-B (``py_att.weight``, coarsest first)."""
+
+    def __init__(self, num_levels: int, variant: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_levels)) if variant == "B" else None
+
+
+class QuadtreeAttention(nn.Module):
+    """q/k/v 1x1 convolutions, token pyramids, QuadTree attention, output projection."""
+
+    def __init__(self, dim: int, nhead: int, topks: list[int], variant: str = "B") -> None:
+        super().__init__()
+        self.nhead, self.topks, self.variant = nhead, list(topks), variant
+        self.num_levels = len(topks)
+        self.q_proj = nn.Conv2d(dim, dim, 1, bias=False)
+        self.k_proj = nn.Conv2d(dim, dim, 1, bias=False)
+        self.v_proj = nn.Conv2d(dim, dim, 1, bias=False)
+        self.py_att = LevelMixture(self.num_levels, variant)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        hw: tuple[int, int],
+        source_hw: tuple[int, int],
+        x_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+        return_selection: bool = False,
+    ):
+        grid_x = x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
+        grid_s = source.transpose(1, 2).reshape(source.shape[0], -1, *source_hw)
+        mask_x = None if x_mask is None else x_mask.reshape(-1, *hw)
+        mask_s = None if source_mask is None else source_mask.reshape(-1, *source_hw)
+        qs, _ = pool_levels(self.q_proj(grid_x), self.num_levels, mask_x)
+        ks, kmasks = pool_levels(self.k_proj(grid_s), self.num_levels, mask_s)
+        vs, _ = pool_levels(self.v_proj(grid_s), self.num_levels, mask_s)
+        to_heads = lambda maps: [_split_heads(m, self.nhead).unflatten(2, m.shape[2:]) for m in maps]  # noqa: E731
+        out = quadtree_attention(
+            to_heads(qs), to_heads(ks), to_heads(vs), self.topks, self.variant,
+            self.py_att.weight, kmasks, return_selection=return_selection,
+        )
+        message, selection = out if return_selection else (out, None)
+        message = self.proj(_merge_heads(message))
+        return (message, selection) if return_selection else message
+
+
+class QuadtreeBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1(x), norm1(source)); x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, nhead: int, topks: list[int], variant: str = "B", mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = QuadtreeAttention(dim, nhead, topks, variant)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = QuadtreeMLP(dim, dim * mlp_ratio)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        hw: tuple[int, int],
+        source_hw: tuple[int, int],
+        x_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm1(source), hw, source_hw, x_mask, source_mask)
+        return x + self.mlp(self.norm2(x), hw, x_mask)
+
+
+class LocalFeatureTransformer(nn.Module):
+    """Interleaved self / cross layers over the tokens of two images.
+
+    QuadTree blocks update both images of a cross layer from the previous features; LoFTR layers update
+    image0 first and image1 from the updated image0, as LoFTR does.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        layer_names: list[str],
+        attention: str,
+        attn_type: str = "B",
+        topks: list[int] | None = None,
+        mlp_ratio: int = 4,
+    ) -> None:
+        super().__init__()
+        self.layer_names = list(layer_names)
+        self.is_quadtree = attention == "quadtree"
+        if self.is_quadtree:
+            make = lambda: QuadtreeBlock(d_model, nhead, list(topks), attn_type, mlp_ratio)  # noqa: E731
+        else:
+            make = lambda: LoFTREncoderLayer(d_model, nhead, attention)  # noqa: E731
+        self.layers = nn.ModuleList([make() for _ in self.layer_names])
+        self.divisibility = 2 ** (len(topks) - 1) if self.is_quadtree else 1
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self,
+        feat0: torch.Tensor,
+        feat1: torch.Tensor,
+        hw0: tuple[int, int] | None = None,
+        hw1: tuple[int, int] | None = None,
+        mask0: torch.Tensor | None = None,
+        mask1: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: feat0 ``(B, L0, C)``, feat1 ``(B, L1, C)``; grid sizes (QuadTree, divisible by
+        ``self.divisibility``); masks ``(B, L)`` bool. Returns the transformed tokens, same shapes."""
+        for layer, name in zip(self.layers, self.layer_names):
+            if self.is_quadtree:
+                src0, src1 = (feat0, feat1) if name == "self" else (feat1, feat0)
+                h0, h1 = (hw0, hw1) if name == "self" else (hw1, hw0)
+                m0, m1 = (mask0, mask1) if name == "self" else (mask1, mask0)
+                feat0, feat1 = layer(feat0, src0, hw0, h0, mask0, m0), layer(feat1, src1, hw1, h1, mask1, m1)
+            elif name == "self":
+                feat0, feat1 = layer(feat0, feat0, mask0), layer(feat1, feat1, mask1)
+            else:
+                feat0 = layer(feat0, feat1, mask1)
+                feat1 = layer(feat1, feat0, mask0)
+        return feat0, feat1

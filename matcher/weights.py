@@ -1,0 +1,73 @@
+"""Reading checkpoints safely and loading them strictly, with errors that name the mismatches."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Buffers some checkpoints carry that the model derives itself (LoFTR stored its position encoding).
+DERIVED_KEYS = ("pos_encoding.pe",)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, with any ``matcher.`` prefix removed.
+
+    Reads Lightning ``.ckpt`` files (under ``state_dict``), plain ``.pt`` / ``.pth`` state dicts with
+    ``torch.load(weights_only=True)`` (a file that would run code is refused), and ``.safetensors``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as err:
+            raise ValueError(f"cannot read safetensors checkpoint {path} (truncated or corrupt?): {err}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"refusing to load {path}: it holds objects other than tensors and plain containers, which "
+                f"could run code when unpickled (loaded with weights_only=True). {first}"
+            ) from None
+        except Exception as err:
+            raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(err).__name__}: {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (nor one under 'state_dict')")
+    return {(k[len("matcher.") :] if k.startswith("matcher.") else k): v for k, v in state.items()}
+
+
+def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str | None:
+    """A message naming the first missing, unexpected and mis-shaped entries, or None if all fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) if parts else None
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model`` requiring the same names and shapes (derived buffers are ignored)."""
+    state = {k: v for k, v in state.items() if k not in DERIVED_KEYS}
+    problem = describe_mismatch(model, state)
+    if problem:
+        raise ValueError(f"{source} does not fit this model config: {problem}")
+    model.load_state_dict(state, strict=True)

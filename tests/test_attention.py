@@ -1,0 +1,176 @@
+"""QuadTree attention against a straightforward per-query implementation written here, on small grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matcher.attention import full_attention, linear_attention, pool_levels, quadtree_attention
+
+
+def _reference(qs, ks, vs, topks, variant, weights=None, kmasks=None):
+    """Per-query loops over one (batch, head): qs/ks/vs are lists, finest first, of (h, w, D) tensors."""
+    L = len(qs)
+    scale = qs[0].shape[-1] ** -0.5
+    neg = torch.finfo(qs[0].dtype).min
+    msgs, sels, scores = [None] * L, [None] * L, [None] * L
+    for lvl in reversed(range(L)):
+        hq, wq, _ = qs[lvl].shape
+        hk, wk, _ = ks[lvl].shape
+        kflat, vflat = ks[lvl].reshape(-1, ks[lvl].shape[-1]), vs[lvl].reshape(-1, vs[lvl].shape[-1])
+        kvalid = None if kmasks is None else kmasks[lvl].reshape(-1)
+        msg = torch.zeros(hq * wq, vflat.shape[-1], dtype=qs[0].dtype)
+        sel, sc = {}, {}
+        step = L - 1 - lvl
+        topk = topks[min(step, len(topks) - 1)]
+        for y in range(hq):
+            for x in range(wq):
+                qv = qs[lvl][y, x]
+                p = y * wq + x
+                if lvl == L - 1:
+                    cands = list(range(hk * wk))
+                    logit = kflat[cands] @ qv * scale
+                    if kvalid is not None:
+                        logit = logit.masked_fill(~kvalid[cands], neg)
+                    w = torch.softmax(logit, 0)
+                else:
+                    parent = (y // 2) * (wq // 2) + x // 2
+                    pw = wk // 2
+                    cands, groups = [], []
+                    for s in sels[lvl + 1][parent]:
+                        py, px = divmod(int(s), pw)
+                        kids = [(2 * py + dy) * wk + 2 * px + dx for dy in (0, 1) for dx in (0, 1)]
+                        cands += kids
+                        groups.append(kids)
+                    logit = kflat[cands] @ qv * scale
+                    if kvalid is not None:
+                        logit = logit.masked_fill(~kvalid[cands], neg)
+                    if variant == "B":
+                        w = torch.softmax(logit, 0)
+                    else:
+                        parent_scores = scores[lvl + 1][parent]
+                        w = torch.cat([
+                            torch.softmax(logit[4 * g : 4 * g + 4], 0) * parent_scores[g] for g in range(len(groups))
+                        ])
+                keep = torch.ones(len(cands), dtype=torch.bool)
+                if lvl > 0:
+                    top_s, top_i = torch.topk(w, min(topk, len(cands)))
+                    sel[p] = [cands[i] for i in top_i.tolist()]
+                    sc[p] = top_s
+                    if variant == "A":
+                        keep[top_i] = False
+                msg[p] = (w * keep) @ vflat[cands]
+        msgs[lvl], sels[lvl], scores[lvl] = msg.reshape(hq, wq, -1), sel, sc
+    mix = torch.softmax(weights, 0) if variant == "B" else torch.ones(L)
+    h0, w0, _ = qs[0].shape
+    out = torch.zeros(h0, w0, msgs[0].shape[-1], dtype=qs[0].dtype)
+    for lvl in range(L):
+        up = msgs[lvl].repeat_interleave(2**lvl, 0).repeat_interleave(2**lvl, 1)
+        out += mix[L - 1 - lvl] * up
+    return out.reshape(h0 * w0, -1)
+
+
+def _pyramids(b, nh, d, hw_q, hw_k, levels, seed, masked=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, nh * d, *hw_q, generator=g, dtype=torch.float64)
+    k = torch.randn(b, nh * d, *hw_k, generator=g, dtype=torch.float64)
+    v = torch.randn(b, nh * d, *hw_k, generator=g, dtype=torch.float64)
+    mask = None
+    if masked:  # bottom-right padding of the key grid, as the matcher produces
+        mask = torch.zeros(b, *hw_k, dtype=torch.bool)
+        mask[:, : hw_k[0] - 3, : hw_k[1] - 2] = True
+    qs, _ = pool_levels(q, levels)
+    ks, kmasks = pool_levels(k, levels, mask)
+    vs, _ = pool_levels(v, levels, mask)
+    heads = lambda maps: [m.reshape(b, nh, d, *m.shape[2:]).permute(0, 1, 3, 4, 2) for m in maps]  # noqa: E731
+    return heads(qs), heads(ks), heads(vs), kmasks
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+@pytest.mark.parametrize(
+    "hw_q,hw_k,topks,masked",
+    [
+        ((8, 8), (8, 8), [3, 2, 2], False),
+        ((8, 12), (12, 8), [2, 3, 1], False),  # different query / key grids (cross attention)
+        ((8, 8), (12, 12), [4, 3, 3], True),  # padded keys
+        ((4, 4), (4, 4), [64, 64], False),  # top-k larger than the number of keys
+    ],
+)
+def test_quadtree_matches_per_query_reference(variant, hw_q, hw_k, topks, masked):
+    levels = len(topks)
+    b, nh, d = 2, 2, 4
+    qs, ks, vs, kmasks = _pyramids(b, nh, d, hw_q, hw_k, levels, seed=len(topks) + hw_k[0], masked=masked)
+    weights = torch.tensor([0.3, -0.2, 0.5][:levels], dtype=torch.float64)
+    out = quadtree_attention(qs, ks, vs, topks, variant, weights if variant == "B" else None, kmasks if masked else None)
+    assert out.shape == (b, nh, hw_q[0] * hw_q[1], d)
+    for bi in range(b):
+        for h in range(nh):
+            ref = _reference(
+                [x[bi, h] for x in qs], [x[bi, h] for x in ks], [x[bi, h] for x in vs], topks, variant,
+                weights, [m[bi] for m in kmasks] if masked else None,
+            )
+            torch.testing.assert_close(out[bi, h], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_quadtree_b_with_all_keys_is_mixture_of_exact_attention():
+    """With top-k covering every key, each level of B is exact softmax attention at that level."""
+    qs, ks, vs, _ = _pyramids(1, 2, 8, (8, 8), (8, 8), 3, seed=3)
+    weights = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    out = quadtree_attention(qs, ks, vs, [4, 64, 64], "B", weights)
+    mix = torch.softmax(weights, 0)
+    expected = 0
+    for lvl in range(3):
+        q, k, v = (x[lvl].flatten(2, 3) for x in (qs, ks, vs))
+        exact = full_attention(q, k, v).unflatten(2, qs[lvl].shape[2:4])
+        up = exact.repeat_interleave(2**lvl, 2).repeat_interleave(2**lvl, 3).flatten(2, 3)
+        expected = expected + mix[2 - lvl] * up
+    torch.testing.assert_close(out, expected)
+
+
+def test_quadtree_a_weights_sum_to_one():
+    """Variant A distributes each query's attention over the levels: constant values come back exactly."""
+    qs, ks, vs, _ = _pyramids(1, 2, 4, (8, 8), (8, 8), 3, seed=5)
+    ones = [torch.ones_like(v) for v in vs]
+    out = quadtree_attention(qs, ks, ones, [3, 2, 2], "A")
+    torch.testing.assert_close(out, torch.ones_like(out))
+
+
+def test_padded_keys_get_no_attention():
+    qs, ks, vs, kmasks = _pyramids(1, 2, 4, (8, 8), (12, 12), 3, seed=7, masked=True)
+    poisoned = [v.clone() for v in vs]
+    for v, m in zip(poisoned, kmasks):
+        v[~m[:, None].expand(-1, v.shape[1], -1, -1)] = 1e6
+    weights = torch.zeros(3, dtype=torch.float64)
+    for variant in ("A", "B"):
+        clean = quadtree_attention(qs, ks, vs, [3, 2, 2], variant, weights, kmasks)
+        dirty = quadtree_attention(qs, ks, poisoned, [3, 2, 2], variant, weights, kmasks)
+        torch.testing.assert_close(clean, dirty)
+
+
+def test_quadtree_is_differentiable_in_float32():
+    qs, ks, vs, _ = _pyramids(1, 2, 4, (8, 8), (8, 8), 3, seed=9)
+    leaves = [x.float().requires_grad_() for x in qs + ks + vs]
+    weights = torch.zeros(3, requires_grad=True)
+    out = quadtree_attention(leaves[:3], leaves[3:6], leaves[6:], [3, 2, 2], "B", weights)
+    out.square().sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+    assert leaves[0].grad.abs().sum() > 0 and leaves[3].grad.abs().sum() > 0
+
+
+def test_linear_attention_matches_explicit_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 4, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    mask = torch.tensor([[True] * 5 + [False] * 2])
+    phi_q, phi_k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    weights = (phi_q @ phi_k[:, :, :5].transpose(-1, -2))
+    expected = weights @ v[:, :, :5] / weights.sum(-1, keepdim=True)
+    torch.testing.assert_close(linear_attention(q, k, v, mask, eps=0.0), expected)
+
+
+def test_full_attention_masks_keys():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, n, 4, generator=g, dtype=torch.float64) for n in (3, 6, 6))
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    expected = torch.softmax(q @ k[:, :, :3].transpose(-1, -2) / 2.0, -1) @ v[:, :, :3]
+    torch.testing.assert_close(full_attention(q, k, v, mask), expected)

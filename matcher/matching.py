@@ -91,6 +91,7 @@ def pad_with_ground_truth(
     (confidence 0) up to ``num_train`` (at least ``num_gt_min`` of them), so the fine stage always learns."""
     device = b_ids.device
     num_pred = len(b_ids)
+    num_gt_min = min(num_gt_min, num_train // 2)  # small images hold fewer cells than the configured minimum
     if num_pred <= num_train - num_gt_min:
         pred = torch.arange(num_pred, device=device)
     else:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth random texture, float32 (h, w) in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    import cv2
+
+    noise = rng.random((h // 4 + 1, w // 4 + 1)).astype(np.float32)
+    img = cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img, 0.0, 1.0)
+
+
+@pytest.fixture
+def image_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """A textured image and the same image shifted by (16, 8) px, as (1, 1, 240, 320) tensors."""
+    img = torch.from_numpy(textured_image(240, 320))[None, None]
+    return img, torch.roll(img, (8, 16), (2, 3))
+
+
+@pytest.fixture(scope="session")
+def reference_layout() -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the published LoFTR-QuadTree-B checkpoints (tests/data copy)."""
+    from pathlib import Path
+
+    layout = {}
+    for line in (Path(__file__).parent / "data" / "official_loftr_quadtree_state_dict.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape, _ = line.split("\t")
+        layout[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return layout

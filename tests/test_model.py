@@ -1,0 +1,164 @@
+"""The full matcher: parity with kornia's LoFTR, sizes, masks, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kornia.feature import LoFTR as KorniaLoFTR
+
+from matcher import Matcher, load_config
+from matcher.position_encoding import sine_position_encoding
+
+
+def _random_kornia_loftr(seed: int = 0) -> KorniaLoFTR:
+    torch.manual_seed(seed)
+    model = KorniaLoFTR(pretrained=None)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so that they must be loaded right
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    model.coarse_matching.thr = 0.0  # random weights give low confidences: compare every mutual match
+    return model.eval()
+
+
+@pytest.mark.parametrize("size1", [(240, 320), (200, 300)])
+def test_loftr_linear_reproduces_kornia(image_pair, size1, tmp_path):
+    kornia_model = _random_kornia_loftr()
+    path = tmp_path / "kornia_loftr.pt"
+    torch.save(kornia_model.state_dict(), path)
+    ours = Matcher(load_config("loftr_linear", match_coarse={"thr": 0.0})).load_weights(path).eval()
+    image0, image1 = image_pair
+    batch = {"image0": image0, "image1": image1[..., : size1[0], : size1[1]].contiguous()}
+    with torch.inference_mode():
+        expected, got = kornia_model(dict(batch)), ours(batch)
+    assert len(expected["keypoints0"]) > 10
+    assert len(got["keypoints0"]) == len(expected["keypoints0"])
+    torch.testing.assert_close(got["keypoints0"], expected["keypoints0"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["keypoints1"], expected["keypoints1"], atol=1e-2, rtol=0)
+    torch.testing.assert_close(got["confidence"], expected["confidence"], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(got["batch_indexes"], expected["batch_indexes"])
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_position_encoding_matches_kornia(fix):
+    from kornia.feature.loftr.utils.position_encoding import PositionEncodingSine
+
+    ref = PositionEncodingSine(64, (30, 50), temp_bug_fix=fix).pe
+    torch.testing.assert_close(sine_position_encoding(64, 30, 50, fix), ref)
+    big = sine_position_encoding(64, 300, 400, fix)  # no maximum size
+    torch.testing.assert_close(big[:, :, :30, :50], ref)
+
+
+def test_published_quadtree_layout_is_matched_exactly(reference_layout):
+    model = Matcher(load_config("quadtree_b_indoor"))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == reference_layout
+
+
+@pytest.mark.parametrize("name", ["lite", "quadtree_a", "loftr_linear"])
+def test_configs_build_and_match_different_sizes(name):
+    model = Matcher(load_config(name, match_coarse={"thr": 0.0})).eval()
+    image0, image1 = torch.rand(2, 1, 100, 130), torch.rand(2, 1, 150, 90)  # not multiples of 8 or 32
+    with torch.inference_mode():
+        out = model({"image0": image0, "image1": image1})
+    assert set(out) == {"keypoints0", "keypoints1", "confidence", "batch_indexes"}
+    m = len(out["confidence"])
+    assert m > 0 and out["keypoints0"].shape == (m, 2) and out["keypoints1"].shape == (m, 2)
+    assert (out["keypoints0"] >= 0).all() and (out["keypoints0"][:, 0] < 130).all() and (out["keypoints0"][:, 1] < 100).all()
+    assert (out["keypoints1"][:, 0] < 90 + 4).all() and (out["keypoints1"][:, 1] < 150 + 4).all()
+    assert set(out["batch_indexes"].tolist()) <= {0, 1}
+
+
+def test_forward_does_not_mutate_batch():
+    model = Matcher(load_config("lite")).eval()
+    batch = {"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64)}
+    keys = set(batch)
+    with torch.inference_mode():
+        out = model(batch)
+    assert set(batch) == keys and out is not batch
+
+
+def test_quadtree_padding_does_not_leak_into_valid_tokens():
+    """Valid tokens' outputs do not depend on what sits in masked tokens."""
+    model = Matcher(load_config("lite")).eval()
+    g = torch.Generator().manual_seed(0)
+    c0, c1 = torch.randn(1, 128, 12, 16, generator=g), torch.randn(1, 128, 8, 8, generator=g)
+    mask0 = torch.zeros(1, 12, 16, dtype=torch.bool)
+    mask0[:, :9, :13] = True
+    noisy = c0.clone()
+    noisy[:, :, ~mask0[0]] = 50.0
+    with torch.inference_mode():
+        t_clean, _ = model.coarse_transform(c0, c1, mask0, None)
+        t_noisy, _ = model.coarse_transform(noisy, c1, mask0, None)
+    valid = mask0.flatten(1)[0]
+    torch.testing.assert_close(t_clean[:, valid], t_noisy[:, valid], atol=1e-4, rtol=1e-4)
+
+
+def test_masked_cells_never_match():
+    model = Matcher(load_config("lite", match_coarse={"thr": 0.0, "border_rm": 0})).eval()
+    image = torch.rand(1, 1, 128, 128)
+    mask = torch.zeros(1, 128, 128, dtype=torch.bool)
+    mask[:, :96, :80] = True
+    with torch.inference_mode():
+        out = model({"image0": image, "image1": image.flip(-1), "mask0": mask, "mask1": mask})
+    assert len(out["keypoints0"]) > 0
+    for key in ("keypoints0",):
+        assert (out[key][:, 0] < 80).all() and (out[key][:, 1] < 96).all()
+    assert (out["keypoints1"][:, 0] < 80 + 4).all() and (out["keypoints1"][:, 1] < 96 + 4).all()
+
+
+def test_gradients_reach_every_parameter():
+    model = Matcher(load_config("lite")).train()
+    image0, image1 = torch.rand(2, 1, 64, 96), torch.rand(2, 1, 64, 96)
+    # ground-truth coarse matches, as the supervision provides them, pad the fine stage in training
+    spv = {"spv_b_ids": torch.tensor([0, 1, 1]), "spv_i_ids": torch.tensor([20, 30, 40]), "spv_j_ids": torch.tensor([21, 31, 41])}
+    out = model({"image0": image0, "image1": image1, **spv}, internals=True)
+    assert out["conf_matrix"].shape == (2, 96, 96) and out["expec_f"].shape[1] == 3
+    loss = out["conf_matrix"].log().mean() + out["expec_f"].square().mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    assert model.loftr_coarse.layers[0].attn.py_att.weight.grad.abs().sum() > 0
+
+
+def test_blank_images_give_no_matches():
+    model = Matcher(load_config("lite")).eval()
+    blank = torch.full((1, 1, 120, 160), 0.5)
+    with torch.inference_mode():
+        out = model({"image0": blank, "image1": blank})
+    assert out["keypoints0"].shape == (0, 2) and out["confidence"].shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        ({"image0": torch.rand(1, 3, 64, 64), "image1": torch.rand(1, 1, 64, 64)}, "image0"),
+        ({"image0": torch.rand(1, 1, 64, 64)}, "image1"),
+        ({"image0": torch.rand(1, 1, 4, 64), "image1": torch.rand(1, 1, 64, 64)}, "smaller than one coarse cell"),
+        ({"image0": torch.rand(2, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64)}, "batch size"),
+    ],
+)
+def test_bad_batches_raise(batch, match):
+    model = Matcher(load_config("lite")).eval()
+    with pytest.raises(ValueError, match=match):
+        model(batch)
+
+
+def test_unknown_config_key_is_an_error():
+    with pytest.raises(ValueError, match="thresh"):
+        load_config("lite", match_coarse={"thresh": 0.1})
+    cfg = load_config("lite")
+    with pytest.raises(Exception):
+        cfg.coarse.topk = [1, 2]
+    with pytest.raises(ValueError, match="unknown model config"):
+        load_config("quadtree_z")
+
+
+@pytest.mark.slow
+def test_full_width_indoor_model_on_640x480():
+    model = Matcher(load_config("quadtree_b_indoor")).eval()
+    with torch.inference_mode():
+        out = model({"image0": torch.rand(1, 1, 480, 640), "image1": torch.rand(1, 1, 480, 640)})
+    assert out["keypoints0"].shape[1] == 2

@@ -1,0 +1,114 @@
+"""Checkpoint loading: every supported format, strictness and its errors, and safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from matcher import Matcher, load_config
+
+
+@pytest.fixture(scope="module")
+def lite_model() -> Matcher:
+    torch.manual_seed(0)
+    return Matcher(load_config("lite")).eval()
+
+
+def _same_weights(a: Matcher, b: Matcher) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].to(sb[k].dtype), sb[k]) for k in sa)
+
+
+def test_published_lightning_checkpoint_layout_loads(reference_layout, tmp_path):
+    """A checkpoint laid out like the released LoFTR-QuadTree .ckpt (state_dict, 'matcher.' prefix,
+    names and shapes from the reference list) loads strictly into quadtree_b_indoor."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in reference_layout.items():
+        dtype = torch.int64 if name.endswith("num_batches_tracked") else torch.float32
+        state[f"matcher.{name}"] = torch.randn(shape, generator=g).to(dtype) if dtype.is_floating_point else torch.tensor(7)
+    path = tmp_path / "indoor.ckpt"
+    torch.save({"epoch": 29, "global_step": 1000, "state_dict": state}, path)
+    model = Matcher(load_config("quadtree_b_indoor")).load_weights(path)
+    loaded = model.state_dict()
+    for name in reference_layout:
+        assert torch.equal(loaded[name], state[f"matcher.{name}"]), name
+    # the outdoor config shares the layout (only top-k differs)
+    Matcher(load_config("quadtree_b_outdoor")).load_weights(path)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "pth", "ckpt", "safetensors", "safetensors-fp16"])
+def test_round_trip_formats(lite_model, fmt, tmp_path):
+    state = lite_model.state_dict()
+    if fmt.startswith("safetensors"):
+        if fmt.endswith("fp16"):
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif fmt == "ckpt":
+        path = tmp_path / "w.ckpt"
+        torch.save({"state_dict": {f"matcher.{k}": v for k, v in state.items()}}, path)
+    else:
+        path = tmp_path / f"w.{fmt}"
+        torch.save(state, path)
+    other = Matcher(load_config("lite")).load_weights(path)
+    if fmt.endswith("fp16"):
+        ref = lite_model.state_dict()
+        for k, v in other.state_dict().items():
+            torch.testing.assert_close(v, ref[k], atol=1e-2, rtol=1e-3)
+    else:
+        assert _same_weights(other, lite_model)
+
+
+def test_wrong_config_names_first_mismatches(lite_model, tmp_path):
+    path = tmp_path / "lite.pt"
+    torch.save(lite_model.state_dict(), path)
+    with pytest.raises(ValueError, match=r"shape mismatch: backbone\.conv1\.weight: checkpoint \(64, 1, 7, 7\)"):
+        Matcher(load_config("quadtree_b_indoor")).load_weights(path)
+    with pytest.raises(ValueError, match=r"missing: .*merge|unexpected: .*py_att"):
+        Matcher(load_config("lite_linear")).load_weights(path)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        Matcher(load_config("lite")).load_weights(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Payload:
+    """An object whose unpickling would run code (creates a file)."""
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(__file__).parent / "pwned",))
+
+
+def test_truncated_files_raise_clear_errors(lite_model, tmp_path):
+    for suffix in (".pt", ".safetensors"):
+        path = tmp_path / f"w{suffix}"
+        if suffix == ".pt":
+            torch.save(lite_model.state_dict(), path)
+        else:
+            save_file({k: v.contiguous() for k, v in lite_model.state_dict().items()}, str(path))
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            Matcher(load_config("lite")).load_weights(path)
+    with pytest.raises(FileNotFoundError):
+        Matcher(load_config("lite")).load_weights(tmp_path / "missing.pt")
+
+
+def test_from_pretrained_with_path_and_sidecar_config(lite_model, tmp_path):
+    from omegaconf import OmegaConf
+
+    path = tmp_path / "mine.safetensors"
+    save_file({k: v.contiguous() for k, v in lite_model.state_dict().items()}, str(path))
+    OmegaConf.save(lite_model.config, tmp_path / "mine.yaml")
+    model = Matcher.from_pretrained(path)
+    assert not model.training and _same_weights(model, lite_model)
+    with pytest.raises(ValueError, match="no shipped weights named 'nope'"):
+        Matcher.from_pretrained("nope")

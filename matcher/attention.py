@@ -107,11 +107,17 @@ def _child_indices(parent_idx: torch.Tensor, parent_width: int) -> torch.Tensor:
     return torch.stack(children, dim=-1).flatten(-2)
 
 
-def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x (B, H, S, D)`` at ``idx (B, H, P, K)`` -> ``(B, H, P, K, D)``."""
-    b, nh, p, k = idx.shape
-    flat = idx.reshape(b, nh, p * k, 1).expand(-1, -1, -1, x.shape[-1])
-    return torch.gather(x, 2, flat).reshape(b, nh, p, k, x.shape[-1])
+def _gather_blocks(blocks: torch.Tensor, parent_idx: torch.Tensor) -> torch.Tensor:
+    """Rows of per-head blocks at per-head indices.
+
+    ``blocks (B, H, M, 4, D)`` (the 4 children of every parent key), ``parent_idx (B, H, P, K)`` ->
+    ``(B, H, P, 4K, D)`` ordered [key][child]. One contiguous 4*D row is copied per selected key.
+    """
+    b, nh, m, four, d = blocks.shape
+    _, _, p, k = parent_idx.shape
+    offsets = torch.arange(b * nh, device=parent_idx.device).view(b, nh, 1, 1) * m
+    rows = blocks.reshape(b * nh * m, four * d).index_select(0, (parent_idx + offsets).reshape(-1))
+    return rows.view(b, nh, p, k * four, d)
 
 
 def quadtree_attention(
@@ -164,66 +170,54 @@ def quadtree_attention(
         q, k, v, kmask = queries[level], keys[level], values[level], key_masks[level]
         b, nh, hq, wq, d = q.shape
         hk, wk = k.shape[2:4]
-        q, k, v = q.reshape(b, nh, hq * wq, d), k.reshape(b, nh, hk * wk, d), v.reshape(b, nh, hk * wk, d)
-        kmask = None if kmask is None else kmask.reshape(b, hk * wk)
         is_finest = level == 0
         topk = topks[min(step, len(topks) - 1)]
-        if step == 0:
-            logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+        if step == 0:  # full attention over the coarsest keys, in grid order (P = Nq, one "child")
+            q, k, v = q.reshape(b, nh, hq * wq, 1, d), k.reshape(b, nh, hk * wk, d), v.reshape(b, nh, hk * wk, d)
+            logits = torch.einsum("bhpcd,bhkd->bhpck", q, k) * scale
             if kmask is not None:
-                logits = logits.masked_fill(~kmask[:, None, None, :], _neg_fill(logits.dtype))
-            attn = torch.softmax(logits, dim=-1)
-            cand = None
-        else:
-            cand = _child_indices(idx, wk // 2)  # (B, H, Nq', 4K') candidate keys of each parent query
-            qc = _group_children(q, hq, wq)  # (B, H, Nq', 4, D)
-            logits = torch.einsum("bhpcd,bhpkd->bhpck", qc, _gather_tokens(k, cand)) * scale
+                logits = logits.masked_fill(~kmask.reshape(b, 1, 1, 1, hk * wk), _neg_fill(logits.dtype))
+            attn = torch.softmax(logits, dim=-1)  # (B, H, Nq, 1, Nk)
+            cand, vals = None, v
+        else:  # parent-grouped: P parent queries, 4 children each, 4K candidate keys per parent
+            qc = _group_children(q.reshape(b, nh, hq * wq, d), hq, wq)  # (B, H, P, 4, D)
+            cand = _child_indices(idx, wk // 2)  # (B, H, P, 4K)
+            k_blocks = _group_children(k.reshape(b, nh, hk * wk, d), hk, wk)  # (B, H, Mk', 4, D)
+            logits = torch.einsum("bhpcd,bhpkd->bhpck", qc, _gather_blocks(k_blocks, idx)) * scale
             if kmask is not None:
-                cmask = torch.gather(kmask[:, None].expand(-1, nh, -1), 2, cand.flatten(2)).view(cand.shape)
+                m_blocks = _group_children(kmask.reshape(b, 1, hk * wk, 1).expand(-1, nh, -1, -1), hk, wk)
+                cmask = _gather_blocks(m_blocks, idx)[..., 0]  # (B, H, P, 4K)
                 logits = logits.masked_fill(~cmask[:, :, :, None, :], _neg_fill(logits.dtype))
             if variant == "B":
                 attn = torch.softmax(logits, dim=-1)
             else:  # softmax over the 4 children of each selected key, times that key's score
                 kp = cand.shape[-1] // 4
-                attn = torch.softmax(logits.unflatten(-1, (kp, 4)), dim=-1) * scores[:, :, :, None, :, None]
+                attn = torch.softmax(logits.unflatten(-1, (kp, 4)), dim=-1) * scores[..., None]
                 attn = attn.flatten(-2)
-        # (B, H, Nq, C) scores over this level's candidates for each query, in the level's grid order
-        attn_q = attn if cand is None else _ungroup_children(attn, hq, wq)
+            vals = _gather_blocks(_group_children(v.reshape(b, nh, hk * wk, d), hk, wk), idx)
         if not is_finest:
-            top_scores, top_pos = torch.topk(attn_q, min(topk, attn_q.shape[-1]), dim=-1)
-            new_idx = top_pos if cand is None else _select_candidates(cand, top_pos, hq, wq)
-        if variant == "A" and not is_finest:
-            attn_q = attn_q.scatter(-1, top_pos, 0.0)  # refined below instead
-        level_msg = _aggregate(attn_q, v, cand, hq, wq)  # (B, H, Nq, D)
+            top_scores, top_pos = torch.topk(attn, min(topk, attn.shape[-1]), dim=-1)  # (B, H, P, c, K)
+            if cand is None:
+                new_idx = top_pos
+            else:
+                new_idx = torch.gather(cand[:, :, :, None, :].expand(-1, -1, -1, 4, -1), -1, top_pos)
+            if variant == "A":
+                attn = attn.scatter(-1, top_pos, 0.0)  # the selected keys are refined at the next level
+        if cand is None:
+            level_msg = torch.einsum("bhpck,bhkd->bhpcd", attn, vals)
+        else:
+            level_msg = torch.einsum("bhpck,bhpkd->bhpcd", attn, vals)
         if variant == "B":
             level_msg = level_msg * mix[step]
-        message = level_msg if message is None else _upsample_tokens(message, hq // 2, wq // 2) + level_msg
+        if message is not None:  # a parent's message is copied to its 4 children
+            level_msg = level_msg + message[:, :, :, None, :]
+        # back to this level's grid order: these queries are the parents of the next level
+        to_grid = (lambda t: t.reshape(b, nh, hq * wq, t.shape[-1])) if cand is None else (lambda t: _ungroup_children(t, hq, wq))
+        message = to_grid(level_msg)
         if not is_finest:
-            idx, scores = new_idx, top_scores  # this level's queries are the next level's parents
+            idx = to_grid(new_idx)
+            scores = to_grid(top_scores)[:, :, :, None, :] if variant == "A" else None
             selections.append(idx)
     if return_selection:
         return message, selections
     return message
-
-
-def _select_candidates(cand: torch.Tensor, top_pos: torch.Tensor, hq: int, wq: int) -> torch.Tensor:
-    """Key indices picked by each query: ``cand (B,H,Nq',4K)`` at ``top_pos (B,H,Nq,K)`` -> ``(B,H,Nq,K)``."""
-    grouped_pos = _group_children(top_pos, hq, wq)  # (B, H, Nq', 4, K)
-    cand4 = cand[:, :, :, None, :].expand(-1, -1, -1, 4, -1)
-    return _ungroup_children(torch.gather(cand4, -1, grouped_pos), hq, wq)
-
-
-def _aggregate(attn_q: torch.Tensor, v: torch.Tensor, cand: torch.Tensor | None, hq: int, wq: int) -> torch.Tensor:
-    """Weighted sum of values: dense at the coarsest level, over gathered candidates below."""
-    if cand is None:
-        return attn_q @ v
-    attn = _group_children(attn_q, hq, wq)  # (B, H, Nq', 4, 4K)
-    msg = torch.einsum("bhpck,bhpkd->bhpcd", attn, _gather_tokens(v, cand))
-    return _ungroup_children(msg, hq, wq)
-
-
-def _upsample_tokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Copy each token of an ``(h, w)`` grid to its 4 children: ``(B,H,h*w,D)`` -> ``(B,H,4hw,D)``."""
-    b, nh, _, d = x.shape
-    x = x.reshape(b, nh, h, 1, w, 1, d).expand(-1, -1, -1, 2, -1, 2, -1)
-    return x.reshape(b, nh, 4 * h * w, d)

@@ -1,0 +1,67 @@
+"""Match two images and save a picture of the matches.
+
+    python demo/match_pair.py                          # the sample pair shipped in demo/assets/
+    python demo/match_pair.py a.jpg b.png --out matches.png --resize 640 --max-matches 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from matcher import Matcher, load_config
+from matcher.image_io import load_gray
+from matcher.viz import plot_matches
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def build_matcher(weights: str | None, config: str | None) -> tuple[Matcher, str]:
+    """The matcher and a sentence saying which weights it runs with."""
+    if weights is None:
+        try:
+            return Matcher.from_pretrained("default"), "shipped default weights (matcher/weights/default.safetensors)"
+        except ValueError:
+            torch.manual_seed(0)
+            model = Matcher(load_config(config or "lite")).eval()
+            return model, "RANDOM weights: no trained weights are shipped yet, so these matches are meaningless"
+    return Matcher.from_pretrained(weights, config=config), f"weights {weights}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image0", nargs="?", default=str(ASSETS / "pair_a.png"))
+    p.add_argument("image1", nargs="?", default=str(ASSETS / "pair_b.png"))
+    p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
+    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it")
+    p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
+    p.add_argument("--out", default="matches.png", help="output picture")
+    p.add_argument("--max-matches", type=int, default=1000, help="draw at most this many matches")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    try:
+        model, which = build_matcher(args.weights, args.config)
+        model = model.to(args.device)
+        resize = args.resize if args.resize is not None else "config"
+        images = [load_gray(path, name) for path, name in ((args.image0, "image0"), (args.image1, "image1"))]
+        start = time.perf_counter()
+        result = model.match(images[0], images[1], resize=resize)
+        elapsed = time.perf_counter() - start
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n = len(result["confidence"])
+    print(f"{n} matches in {elapsed:.2f} s on {args.device} with {which}")
+    title = f"{n} matches, {elapsed:.2f} s ({which.split(':')[0]})"
+    plot_matches(images[0], images[1], result["keypoints0"], result["keypoints1"], result["confidence"],
+                 title=title, max_matches=args.max_matches, path=args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

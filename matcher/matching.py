@@ -73,7 +73,7 @@ def mutual_nearest_matches(
     keep0 = off_border(b, *hw0, border, mask0, conf.device)
     keep1 = off_border(b, *hw1, border, mask1, conf.device)
     valid = (row_max > thr) & (torch.gather(col_max, 1, j_best) == row_max)
-    valid &= keep0 & torch.gather(keep1, 1, j_best)
+    valid = valid & keep0 & torch.gather(keep1, 1, j_best)
     b_ids, i_ids = torch.where(valid)
     return b_ids, i_ids, j_best[b_ids, i_ids], row_max[b_ids, i_ids]
 
@@ -123,7 +123,7 @@ def gather_windows(feat: torch.Tensor, b_ids: torch.Tensor, ids: torch.Tensor, w
     rows = (ids // grid_w * stride)[:, None] + offsets
     cols = (ids % grid_w * stride)[:, None] + offsets
     win = padded[b_ids[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (M, w, w, C)
-    return win.reshape(len(ids), window * window, feat.shape[1])
+    return win.reshape(-1, window * window, feat.shape[1])  # -1: M stays symbolic in traced exports
 
 
 class FinePreprocess(nn.Module):

@@ -1,0 +1,51 @@
+"""ONNX export of the matcher for a fixed input size (the number of matches stays dynamic)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import OUTPUT_KEYS, Matcher
+
+
+class _ImagesToMatches(nn.Module):
+    """Positional-tensor interface for export: (image0, image1) -> the four output tensors."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        super().__init__()
+        self.matcher = matcher
+
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.matcher({"image0": image0, "image1": image1})
+        return tuple(out[k] for k in OUTPUT_KEYS)
+
+
+def export_onnx(
+    matcher: Matcher,
+    path: str | Path,
+    size0: tuple[int, int] = (480, 640),
+    size1: tuple[int, int] | None = None,
+    opset: int = 17,
+) -> Path:
+    """Export ``matcher`` (in eval mode) to ONNX for images of ``size0`` and ``size1`` (H, W), batch 1.
+
+    Inputs ``image0`` ``(1, 1, H0, W0)``, ``image1`` ``(1, 1, H1, W1)`` float32 in [0, 1]; outputs
+    ``keypoints0``, ``keypoints1``, ``confidence``, ``batch_indexes`` with a dynamic number of matches.
+    """
+    if matcher.training:
+        raise ValueError("export a matcher in eval mode (call .eval())")
+    size1 = size1 or size0
+    dummy = (torch.rand(1, 1, *size0), torch.rand(1, 1, *size1))
+    path = Path(path)
+    wrapper = _ImagesToMatches(matcher.cpu()).eval()  # eval: the exporter restores the wrapper's mode after
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints taken from shapes (fixed sizes)
+        torch.onnx.export(
+            wrapper, dummy, str(path), dynamo=False, opset_version=opset,
+            input_names=["image0", "image1"], output_names=list(OUTPUT_KEYS),
+            dynamic_axes={k: {0: "num_matches"} for k in OUTPUT_KEYS},
+        )
+    return path

@@ -1,0 +1,31 @@
+"""ONNX export runs in onnxruntime and gives the same matches as PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from matcher import Matcher, load_config
+from matcher.export import export_onnx
+
+from .conftest import textured_image
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    path = export_onnx(model, tmp_path / "lite.onnx", size0=(120, 160), size1=(96, 128))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed in (1, 2):
+        image0 = torch.from_numpy(textured_image(120, 160, seed))[None, None]
+        image1 = torch.from_numpy(textured_image(96, 128, seed + 10))[None, None]
+        got = session.run(None, {"image0": image0.numpy(), "image1": image1.numpy()})
+        with torch.inference_mode():
+            ref = model({"image0": image0, "image1": image1})
+        assert len(ref["keypoints0"]) > 0 and got[0].shape == tuple(ref["keypoints0"].shape)
+        np.testing.assert_allclose(got[0], ref["keypoints0"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(got[1], ref["keypoints1"].numpy(), atol=1e-3)
+        np.testing.assert_allclose(got[2], ref["confidence"].numpy(), rtol=1e-3, atol=1e-6)

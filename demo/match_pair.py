@@ -11,25 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from matcher import Matcher, load_config
+from matcher.model import matcher_with_description
 from matcher.image_io import load_gray
 from matcher.viz import plot_matches
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-def build_matcher(weights: str | None, config: str | None) -> tuple[Matcher, str]:
-    """The matcher and a sentence saying which weights it runs with."""
-    if weights is None:
-        try:
-            return Matcher.from_pretrained("default"), "shipped default weights (matcher/weights/default.safetensors)"
-        except ValueError:
-            torch.manual_seed(0)
-            model = Matcher(load_config(config or "lite")).eval()
-            return model, "RANDOM weights: no trained weights are shipped yet, so these matches are meaningless"
-    return Matcher.from_pretrained(weights, config=config), f"weights {weights}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     try:
-        model, which = build_matcher(args.weights, args.config)
+        model, which = matcher_with_description(args.weights, args.config)
         model = model.to(args.device)
         resize = args.resize if args.resize is not None else "config"
         images = [load_gray(path, name) for path, name in ((args.image0, "image0"), (args.image1, "image1"))]

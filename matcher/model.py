@@ -112,6 +112,24 @@ class Matcher(nn.Module):
         crop = lambda t, hw, phw: t.unflatten(1, phw)[:, : hw[0], : hw[1]].flatten(1, 2)  # noqa: E731
         return crop(t0, hw0, tuple(p0.shape[2:])), crop(t1, hw1, tuple(p1.shape[2:]))
 
+    @torch.inference_mode()
+    def attention_selection(self, image0: torch.Tensor, image1: torch.Tensor, layer_index: int) -> dict[str, Any]:
+        """Where QuadTree attention looks: for every coarse query of image0, the key cells kept at each
+        level of coarse layer ``layer_index`` (a cross layer looks into image1, a self layer into image0).
+
+        Returns ``selection``: list, coarsest level first, of ``(nhead, N_l, K_l)`` indices into that
+        level's key grid (batch 0), and the padded coarse grid sizes ``hw0`` and ``hw1`` (level 0, finest).
+        """
+        _check_images({"image0": image0, "image1": image1})
+        c0, _, c1, _ = self.extract_features(image0, image1)
+        multiple = self.loftr_coarse.divisibility
+        (p0, m0), (p1, m1) = _pad_grid(c0, None, multiple), _pad_grid(c1, None, multiple)
+        t0, t1 = (p.flatten(2).transpose(1, 2) for p in (p0, p1))
+        m0, m1 = (None if m is None else m.flatten(1) for m in (m0, m1))
+        hw0, hw1 = tuple(p0.shape[2:]), tuple(p1.shape[2:])
+        chosen = self.loftr_coarse.selection(t0, t1, hw0, hw1, layer_index, m0, m1)
+        return {"selection": [c[0] for c in chosen], "hw0": hw0, "hw1": hw1}
+
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Any], internals: bool = False) -> dict[str, Any]:
         """Match a batch of image pairs.
@@ -235,6 +253,21 @@ class Matcher(nn.Module):
     def extra_repr(self) -> str:
         c = self.config.coarse
         return f"attention={c.attention}{'-' + c.attn_type if c.attention == 'quadtree' else ''}, d_model={c.d_model}"
+
+
+def matcher_with_description(weights: str | None = None, config: str | None = None) -> tuple[Matcher, str]:
+    """A matcher in eval mode for demos, and a sentence saying which weights it runs with.
+
+    ``weights`` None takes the shipped default weights, or, while none are shipped, random weights of
+    ``config`` (default ``lite``) -- and says so, since their matches are meaningless.
+    """
+    if weights is not None:
+        return Matcher.from_pretrained(weights, config=config), f"weights {weights}"
+    if (WEIGHTS_DIR / "default.safetensors").is_file():
+        return Matcher.from_pretrained("default"), "the shipped default weights (matcher/weights/default.safetensors)"
+    torch.manual_seed(0)
+    model = Matcher(load_config(config or "lite")).eval()
+    return model, "RANDOM weights: no trained weights are shipped yet, so these matches are meaningless"
 
 
 def config_to_dict(config: DictConfig) -> dict[str, Any]:

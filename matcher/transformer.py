@@ -193,7 +193,32 @@ class LocalFeatureTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: feat0 ``(B, L0, C)``, feat1 ``(B, L1, C)``; grid sizes (QuadTree, divisible by
         ``self.divisibility``); masks ``(B, L)`` bool. Returns the transformed tokens, same shapes."""
-        for layer, name in zip(self.layers, self.layer_names):
+        return self._run(feat0, feat1, hw0, hw1, mask0, mask1, len(self.layers))
+
+    def selection(
+        self,
+        feat0: torch.Tensor,
+        feat1: torch.Tensor,
+        hw0: tuple[int, int],
+        hw1: tuple[int, int],
+        layer_index: int,
+        mask0: torch.Tensor | None = None,
+        mask1: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Keys that image0's queries select at each level of QuadTree layer ``layer_index`` (coarsest
+        first, each ``(B, nhead, N_l, K_l)`` indices into that level's source grid)."""
+        if not self.is_quadtree:
+            raise ValueError("attention selections exist for QuadTree attention only")
+        if not 0 <= layer_index < len(self.layers):
+            raise ValueError(f"layer_index must be in [0, {len(self.layers)}), got {layer_index}")
+        feat0, feat1 = self._run(feat0, feat1, hw0, hw1, mask0, mask1, layer_index)
+        layer, cross = self.layers[layer_index], self.layer_names[layer_index] == "cross"
+        source, source_hw, source_mask = (feat1, hw1, mask1) if cross else (feat0, hw0, mask0)
+        _, chosen = layer.attn(layer.norm1(feat0), layer.norm1(source), hw0, source_hw, mask0, source_mask, True)
+        return chosen
+
+    def _run(self, feat0, feat1, hw0, hw1, mask0, mask1, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer, name in zip(self.layers[:num_layers], self.layer_names[:num_layers]):
             if self.is_quadtree:
                 src0, src1 = (feat0, feat1) if name == "self" else (feat1, feat0)
                 h0, h1 = (hw0, hw1) if name == "self" else (hw1, hw0)

@@ -169,9 +169,9 @@ class MatcherModule(pl.LightningModule):
         total_batch = self.cfg.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         lr, warmup = scaled_lr_and_warmup(optim, total_batch)
         optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=optim.weight_decay)
-        steps_per_epoch = max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
-        if not math.isfinite(steps_per_epoch) or steps_per_epoch <= 0:
-            steps_per_epoch = 1
+        datamodule = self.trainer.datamodule  # set up before this hook: it knows the epoch length
+        batches = datamodule.batches_per_epoch() if datamodule is not None else self.trainer.num_training_batches
+        steps_per_epoch = max(1, int(batches) // self.trainer.accumulate_grad_batches)
         schedule = lambda step: lr_factor(step, int(steps_per_epoch), warmup, optim.warmup_ratio, list(optim.milestones), optim.gamma)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -221,6 +221,10 @@ class MatcherDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         self.train_set, groups, self.samples_per_group, self.val_set = build_datasets(self.data_cfg, rank, world)
         self.train_groups = groups
+
+    def batches_per_epoch(self) -> int:
+        """Training batches per epoch on this rank (the sampler's draw, dropping the last partial batch)."""
+        return self.samples_per_group * len(self.train_groups) // self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSubsetSampler(self.train_groups, self.samples_per_group, self.seed + 1000 * self._rank())

@@ -81,6 +81,15 @@ class AtomicCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
 
 
+def archive_metrics(run_dir: Path) -> None:
+    """Lightning's CSV logger deletes an existing metrics.csv; on resume keep it as metrics-K.csv so the
+    whole loss curve of a run survives its restarts."""
+    current = run_dir / "logs" / "metrics.csv"
+    if current.is_file():
+        k = len(list(current.parent.glob("metrics-*.csv")))
+        current.rename(current.parent / f"metrics-{k}.csv")
+
+
 def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
     t = cfg.trainer
     checkpoints = [
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             raise SystemExit(f"--resume: no checkpoint {ckpt} yet")
+        archive_metrics(run_dir)
     else:
         cfg = load_train_config(args.config, _overrides(args))
         run_dir, ckpt = Path(cfg.run_dir), None
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     OmegaConf.save(model_cfg, run_dir / "model.yaml")  # what Matcher.from_pretrained needs beside the weights
     module = MatcherModule({**OmegaConf.to_container(cfg, resolve=True), "model_config": config_to_dict(model_cfg)})
     if cfg.init_weights and ckpt is None:
-        module.model.load_weights(cfg.init_weights)
+        module.matcher.load_weights(cfg.init_weights)
     data = MatcherDataModule(cfg.data, cfg.batch_size, cfg.num_workers, cfg.seed)
     trainer = build_trainer(cfg, run_dir)
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)

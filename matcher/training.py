@@ -35,6 +35,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     ``overrides`` (``key.sub=value``); unknown keys raise. ``data`` is resolved into its own tree."""
     cfg = OmegaConf.load(_config_path("train", "default"))
     OmegaConf.set_struct(cfg, True)
+    # model keys are checked by load_config against the model config, so this one node stays open
+    OmegaConf.set_struct(cfg.model_overrides, False)
     if path is not None:
         cfg = merge_config(cfg, OmegaConf.load(_config_path("train", str(path))))
     data_overrides = [o for o in overrides or [] if o.startswith("data.")]
@@ -87,7 +89,7 @@ class MatcherModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters({"config": config})  # a plain dict: checkpoints load with weights_only=True
         self.cfg = OmegaConf.create(config)
-        self.model = Matcher(load_config(None, **config["model_config"]))
+        self.matcher = Matcher(load_config(None, **config["model_config"]))
         self._val_outputs: list[dict[str, np.ndarray]] = []
 
     # ------------------------------------------------------------------ loss
@@ -98,8 +100,8 @@ class MatcherModule(pl.LightningModule):
         hw0 = tuple(math.ceil(s / 8) for s in batch["image0"].shape[2:])
         hw1 = tuple(math.ceil(s / 8) for s in batch["image1"].shape[2:])
         spv = coarse_supervision(batch, hw0, hw1)
-        out = self.model({**batch, **spv}, internals=True)
-        expec_gt = fine_supervision(spv, out["b_ids"], out["i_ids"], out["j_ids"], window=self.model.config.fine_window_size)
+        out = self.matcher({**batch, **spv}, internals=True)
+        expec_gt = fine_supervision(spv, out["b_ids"], out["i_ids"], out["j_ids"], window=self.matcher.config.fine_window_size)
         lc = self.cfg.loss
         m0 = batch["mask0"][:, ::8, ::8].flatten(1).bool() if "mask0" in batch else None
         m1 = batch["mask1"][:, ::8, ::8].flatten(1).bool() if "mask1" in batch else None
@@ -130,7 +132,7 @@ class MatcherModule(pl.LightningModule):
         from .validation import evaluate_batch
 
         with torch.no_grad():
-            out = self.model({k: v for k, v in batch.items() if k in ("image0", "image1", "mask0", "mask1")})
+            out = self.matcher({k: v for k, v in batch.items() if k in ("image0", "image1", "mask0", "mask1")})
         vcfg = self.cfg.validation
         results = evaluate_batch(batch, out, vcfg.ransac_thr, vcfg.ransac_conf)
         self._val_outputs.extend(results)

@@ -2,6 +2,9 @@
 
     python demo/match_pair.py                          # the sample pair shipped in demo/assets/
     python demo/match_pair.py a.jpg b.png --out matches.png --resize 640 --max-matches 500
+
+With ground truth (``--truth`` npz holding K0, K1, T_0to1; the sample pair ships one) matches are coloured
+green / red by LoFTR's epipolar criterion instead of by confidence, and the precision is printed.
 """
 
 from __future__ import annotations
@@ -12,11 +15,24 @@ import time
 from pathlib import Path
 
 
-from matcher.model import matcher_with_description
+import numpy as np
+
 from matcher.image_io import load_gray
+from matcher.metrics import epipolar_precision
+from matcher.model import matcher_with_description
 from matcher.viz import plot_matches
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def correct_matches(result: dict[str, np.ndarray], truth_path: str) -> np.ndarray:
+    """Per-match correctness by the symmetric epipolar distance, from an npz with K0, K1, T_0to1."""
+    if not Path(truth_path).is_file():
+        raise FileNotFoundError(f"ground-truth file not found: {truth_path}")
+    with np.load(truth_path) as truth:
+        K0, K1, T = (np.asarray(truth[k], dtype=np.float64) for k in ("K0", "K1", "T_0to1"))
+    _, correct = epipolar_precision(result["keypoints0"], result["keypoints1"], T, K0, K1)
+    return np.asarray(correct, dtype=bool)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="matches.png", help="output picture")
     p.add_argument("--max-matches", type=int, default=1000, help="draw at most this many matches")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--truth", help="npz with K0, K1, T_0to1 (default: the sample pair's, for the sample pair)")
     args = p.parse_args(argv)
+    if args.truth is None and Path(args.image0) == ASSETS / "pair_a.png" and Path(args.image1) == ASSETS / "pair_b.png":
+        args.truth = str(ASSETS / "pair_truth.npz")
     try:
         model, which = matcher_with_description(args.weights, args.config)
         model = model.to(args.device)
@@ -38,14 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = model.match(images[0], images[1], resize=resize)
         elapsed = time.perf_counter() - start
-    except (ValueError, FileNotFoundError) as err:
+        correct = correct_matches(result, args.truth) if args.truth else None
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     n = len(result["confidence"])
     print(f"{n} matches in {elapsed:.2f} s on {args.device} with {which}")
     title = f"{n} matches, {elapsed:.2f} s ({which.split(':')[0]})"
+    if correct is not None:
+        share = float(correct.mean()) if n else float("nan")
+        print(f"epipolar precision (LoFTR's 5e-4 criterion): {100 * share:.1f}% of {n} matches correct")
+        title += f", {100 * share:.0f}% correct"
     plot_matches(images[0], images[1], result["keypoints0"], result["keypoints1"], result["confidence"],
-                 title=title, max_matches=args.max_matches, path=args.out)
+                 correct=correct, title=title, max_matches=args.max_matches, path=args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,206 @@
+"""Match a list of image pairs and write keypoints and matches in hloc's h5 layout (for COLMAP).
+
+    python -m matcher.match_pairs pairs.txt --image-dir images/ --out matches.h5 [--weights default]
+
+``pairs.txt`` holds one pair per line, ``NAME0 NAME1`` relative to ``--image-dir`` (hloc's pairs format;
+``#`` starts a comment). Two files are written:
+
+- ``--out`` (matches): a group per pair ``NAME0/NAME1`` (slashes inside a name become ``-``, as hloc's
+  ``names_to_pair``) with ``matches0`` ``(N0,)`` int32 (index into image1's keypoints, -1 = unmatched) and
+  ``matching_scores0`` ``(N0,)`` float32, plus the raw per-pair matches (``raw_keypoints0/1``,
+  ``raw_scores``) that let an interrupted run resume;
+- ``--keypoints-out`` (features, default ``<out stem>-keypoints.h5``): a group per image name with
+  ``keypoints`` ``(N, 2)`` float32 pixel (x, y), pixel centres at integers (hloc's convention).
+
+A dense matcher finds different points in every pair; to give COLMAP tracks, each image's keypoints from
+all its pairs are merged on a grid of ``--merge-px`` pixels (the merged point is the mean of its members),
+and a pair keeps at most one match per merged keypoint (the most confident).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+RAW_KEYS = ("raw_keypoints0", "raw_keypoints1", "raw_scores")
+
+
+def names_to_pair(name0: str, name1: str) -> str:
+    """hloc's h5 key of a pair."""
+    return "/".join((name0.replace("/", "-"), name1.replace("/", "-")))
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """``NAME0 NAME1`` per line; blank lines and ``#`` comments skipped. ValueError names a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise ValueError(f"{path}:{number}: expected 'NAME0 NAME1', got {line!r}")
+        pairs.append((parts[0], parts[1]))
+    if not pairs:
+        raise ValueError(f"no pairs in {path}")
+    return list(dict.fromkeys(pairs))  # a pair listed twice is matched once
+
+
+def merge_keypoints(points: np.ndarray, grid_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ``(N, 2)`` points that fall in the same ``grid_px`` cell.
+
+    Returns the merged points ``(K, 2)`` (mean of each cell's members, in first-seen order of the cells)
+    and for every input point the index of its merged point ``(N,)``.
+    """
+    if len(points) == 0:
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+    cells = np.round(points / grid_px).astype(np.int64)
+    _, first, inverse = np.unique(cells, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(np.argsort(first))  # unique() sorts cells; renumber them by first appearance
+    ids = order[inverse]
+    sums = np.zeros((len(first), 2), np.float64)
+    np.add.at(sums, ids, points)
+    counts = np.bincount(ids, minlength=len(first))[:, None]
+    return (sums / counts).astype(np.float32), ids
+
+
+def pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num0: int) -> tuple[np.ndarray, np.ndarray]:
+    """hloc's ``matches0`` / ``matching_scores0`` for one pair from per-match keypoint ids; when several
+    matches share a keypoint (on either side) only the most confident survives."""
+    matches0 = np.full(num0, -1, np.int32)
+    scores0 = np.zeros(num0, np.float32)
+    taken1: set[int] = set()
+    for m in np.argsort(-scores, kind="stable"):
+        i0, i1 = int(ids0[m]), int(ids1[m])
+        if matches0[i0] >= 0 or i1 in taken1:
+            continue
+        matches0[i0], scores0[i0] = i1, scores[m]
+        taken1.add(i1)
+    return matches0, scores0
+
+
+def _check_fingerprint(file: h5py.File, fingerprint: str, overwrite: bool) -> None:
+    stored = file.attrs.get("matcher_fingerprint")
+    if stored is None or overwrite:
+        for key in list(file.keys()):
+            del file[key]
+        file.attrs["matcher_fingerprint"] = fingerprint
+    elif stored != fingerprint:
+        raise ValueError(
+            f"{file.filename} was written by a different matcher or settings; use --overwrite to start again "
+            "or another --out"
+        )
+
+
+def match_all(matcher: Any, pairs: Sequence[tuple[str, str]], image_dir: Path, out: h5py.File, resize: Any) -> list[str]:
+    """Match every pair not yet in ``out`` and store its raw matches; returns one line per failed pair."""
+    from .image_io import load_gray
+
+    failures = []
+    todo = [p for p in pairs if names_to_pair(*p) + "/raw_scores" not in out]
+    for name0, name1 in tqdm(todo, desc="matching", unit="pair", disable=None):
+        try:
+            image0 = load_gray(str(image_dir / name0), name0)
+            image1 = load_gray(str(image_dir / name1), name1)
+            result = matcher.match(image0, image1, resize=resize)
+        except (ValueError, FileNotFoundError) as err:
+            failures.append(f"{name0} {name1}: {err}")
+            continue
+        group = out.require_group(names_to_pair(name0, name1))
+        for key, value in zip(RAW_KEYS, (result["keypoints0"], result["keypoints1"], result["confidence"])):
+            if key in group:
+                del group[key]
+            group.create_dataset(key, data=np.asarray(value, np.float32))
+        out.flush()  # a run killed here resumes after the last finished pair
+    return failures
+
+
+def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path: Path, merge_px: float) -> dict[str, int]:
+    """Merge each image's keypoints over its pairs, write the features file and every pair's matches0."""
+    done = [p for p in pairs if names_to_pair(*p) + "/raw_scores" in out]
+    per_image: dict[str, list[np.ndarray]] = defaultdict(list)
+    for name0, name1 in done:
+        group = out[names_to_pair(name0, name1)]
+        per_image[name0].append(group["raw_keypoints0"][()])
+        per_image[name1].append(group["raw_keypoints1"][()])
+    merged, ids, offsets = {}, {}, defaultdict(int)
+    for name, chunks in per_image.items():
+        merged[name], ids[name] = merge_keypoints(np.concatenate(chunks), merge_px)
+    with h5py.File(keypoints_path, "w") as features:
+        for name, points in merged.items():
+            features.require_group(name).create_dataset("keypoints", data=points)
+    total = 0
+    for name0, name1 in done:  # same order as above: each pair's slice of an image's ids follows the last
+        group = out[names_to_pair(name0, name1)]
+        n = len(group["raw_scores"])
+        ids0 = ids[name0][offsets[name0] : offsets[name0] + n]
+        offsets[name0] += n
+        ids1 = ids[name1][offsets[name1] : offsets[name1] + n]
+        offsets[name1] += n
+        matches0, scores0 = pair_matches(ids0, ids1, group["raw_scores"][()], len(merged[name0]))
+        for key, value in (("matches0", matches0), ("matching_scores0", scores0)):
+            if key in group:
+                del group[key]
+            group.create_dataset(key, data=value)
+        total += int((matches0 >= 0).sum())
+    return {"pairs": len(done), "images": len(merged), "matches": total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pairs", help="text file, one 'NAME0 NAME1' per line")
+    p.add_argument("--image-dir", required=True, help="folder the image names are relative to")
+    p.add_argument("--out", default="matches.h5", help="matches h5 (hloc layout)")
+    p.add_argument("--keypoints-out", help="features h5 with the keypoints (default: <out stem>-keypoints.h5)")
+    p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
+    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it")
+    p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
+    p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
+    args = p.parse_args(argv)
+    from .evaluation import canonical_json, matcher_fingerprint
+    from .model import matcher_with_description
+
+    out_path = Path(args.out)
+    keypoints_path = Path(args.keypoints_out) if args.keypoints_out else out_path.with_name(f"{out_path.stem}-keypoints.h5")
+    try:
+        pairs = read_pairs(args.pairs)
+        image_dir = Path(args.image_dir)
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {image_dir}")
+        matcher, which = matcher_with_description(args.weights, args.config)
+        matcher = matcher.to(args.device)
+        resize = args.resize if args.resize is not None else "config"
+        fingerprint = canonical_json({**matcher_fingerprint(matcher, "matcher"), "resize": resize})
+        print(f"matching {len(pairs)} pairs with {which}")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(out_path, "a") as out:
+            _check_fingerprint(out, fingerprint, args.overwrite)
+            failures = match_all(matcher, pairs, image_dir, out, resize)
+            counts = write_hloc(pairs, out, keypoints_path, args.merge_px)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in failures:
+        print(f"skipped {line}", file=sys.stderr)
+    print(
+        f"{counts['pairs']} pairs, {counts['images']} images, {counts['matches']} matches -> {out_path}, "
+        f"keypoints -> {keypoints_path}" + (f"; {len(failures)} pairs failed (listed above)" if failures else "")
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

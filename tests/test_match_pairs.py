@@ -1,0 +1,116 @@
+"""Batch matching into hloc's h5 layout: keypoint merging, per-pair matches0, resume and bad input."""
+
+from __future__ import annotations
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+
+from matcher import match_pairs as mp
+
+
+class ShiftMatcher:
+    """Matches a fixed grid of image0 to the same grid shifted by (dx, dy) in image1."""
+
+    def __init__(self, shift=(3.0, -2.0)) -> None:
+        self.shift = np.asarray(shift, np.float32)
+        self.calls = 0
+
+    def match(self, image0, image1, resize=None):
+        self.calls += 1
+        ys, xs = np.mgrid[10:40:10, 10:50:10]
+        k0 = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+        return {"keypoints0": k0, "keypoints1": k0 + self.shift, "confidence": np.linspace(1, 0.5, len(k0), dtype=np.float32)}
+
+
+def test_names_to_pair_follows_hloc():
+    assert mp.names_to_pair("a/b.jpg", "c.jpg") == "a-b.jpg/c.jpg"
+
+
+def test_merge_keypoints_groups_points_in_a_cell():
+    pts = np.array([[10.1, 5.0], [20.0, 20.0], [9.9, 5.2], [20.4, 19.8]], np.float32)
+    merged, ids = mp.merge_keypoints(pts, 1.0)
+    assert ids.tolist() == [0, 1, 0, 1]
+    np.testing.assert_allclose(merged, [[10.0, 5.1], [20.2, 19.9]], atol=1e-5)
+    empty, none = mp.merge_keypoints(np.zeros((0, 2), np.float32), 1.0)
+    assert empty.shape == (0, 2) and none.shape == (0,)
+
+
+def test_pair_matches_keeps_the_most_confident_per_keypoint():
+    ids0 = np.array([0, 0, 1, 2])
+    ids1 = np.array([5, 6, 6, 7])
+    scores = np.array([0.5, 0.9, 0.8, 0.1], np.float32)
+    matches0, scores0 = mp.pair_matches(ids0, ids1, scores, num0=4)
+    # 0->6 (0.9) wins over 0->5; then 1->6 loses keypoint 6 of image1; 2->7 stays
+    assert matches0.tolist() == [6, -1, 7, -1]
+    np.testing.assert_allclose(scores0, [0.9, 0, 0.1, 0])
+
+
+def test_read_pairs_skips_comments_and_duplicates(tmp_path):
+    f = tmp_path / "pairs.txt"
+    f.write_text("# header\na.png b.png\n\na.png b.png  # again\nb.png c.png\n")
+    assert mp.read_pairs(f) == [("a.png", "b.png"), ("b.png", "c.png")]
+    f.write_text("only_one_name\n")
+    with pytest.raises(ValueError, match="pairs.txt:1"):
+        mp.read_pairs(f)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        mp.read_pairs(tmp_path / "missing.txt")
+
+
+def _images(folder, names):
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (48, 64), dtype=np.uint8))
+
+
+def test_hloc_files_link_shifted_points(tmp_path):
+    _images(tmp_path / "img", ["a.png", "b.png", "c.png"])
+    pairs = [("a.png", "b.png"), ("b.png", "c.png")]
+    matcher = ShiftMatcher()
+    with h5py.File(tmp_path / "m.h5", "a") as out:
+        assert mp.match_all(matcher, pairs, tmp_path / "img", out, None) == []
+        counts = mp.write_hloc(pairs, out, tmp_path / "k.h5", merge_px=1.0)
+    assert counts == {"pairs": 2, "images": 3, "matches": 24}
+    with h5py.File(tmp_path / "m.h5") as m, h5py.File(tmp_path / "k.h5") as k:
+        for name0, name1 in pairs:
+            matches0 = m[mp.names_to_pair(name0, name1)]["matches0"][()]
+            kp0, kp1 = k[name0]["keypoints"][()], k[name1]["keypoints"][()]
+            assert len(matches0) == len(kp0)
+            valid = matches0 >= 0
+            np.testing.assert_allclose(kp1[matches0[valid]] - kp0[valid], np.tile(matcher.shift, (valid.sum(), 1)), atol=1e-5)
+        # b.png takes part in two pairs: its points from both are in one keypoint list
+        assert len(k["b.png"]["keypoints"]) == 24
+
+
+def test_cli_resumes_counts_failures_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.txt").write_text("a.png b.png\na.png missing.png\n")
+    matcher = ShiftMatcher()
+    monkeypatch.setattr("matcher.model.matcher_with_description", lambda w, c: (_Wrapped(matcher), "a stub"))
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5")]
+    assert mp.main(args) == 1  # one pair failed
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "not found" in err
+    assert matcher.calls == 1
+    assert mp.main(args) == 1 and matcher.calls == 1  # resumed: the finished pair is not matched again
+    assert (tmp_path / "m-keypoints.h5").is_file()
+    assert mp.main(args + ["--resize", "32"]) == 2
+    assert "different matcher or settings" in capsys.readouterr().err
+
+
+class _Wrapped:
+    """Gives the stub what main() needs: describe() for the fingerprint and .to()."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def to(self, device):
+        return self
+
+    def describe(self):
+        return {"matcher": "stub"}
+
+    def match(self, *args, **kwargs):
+        return self.inner.match(*args, **kwargs)

@@ -1,14 +1,15 @@
 """Homography benchmark: corner-error AUC@3/5/10 px, share of matches within 3 px, matches and time per pair.
 
 Examples:
-    python eval/homography.py --hpatches data/hpatches-sequences-release --matcher weights/outdoor.ckpt
+    python eval/homography.py --hpatches datasets/hpatches-sequences-release --matcher weights/outdoor.ckpt
     python eval/homography.py --image-dir photos/ --num-pairs 200 --seed 0 --matcher lite --resize 640
 
 HPatches layout: one folder per sequence with ``1.ppm`` .. ``6.ppm`` and ``H_1_2`` .. ``H_1_6`` (3x3 text
 matrices mapping image 1 pixels to image k pixels); pairs are (1, k), k = 2..6. Generated pairs: for pair
 ``i`` the image ``i mod n`` of the sorted folder is warped by a random homography (each corner moved by
 up to ``--max-shift`` of the image side) and changed photometrically; both are drawn from
-``SeedSequence([seed, i])``, so a pair depends only on the seed, its index and its image.
+``SeedSequence([seed, i])``, so a pair depends only on the seed, its index and its image (generator:
+``matcher.data.homography.generate_homography_pair``).
 
 Per pair the homography is estimated from the matches with OpenCV RANSAC (``--h-ransac-thr`` px); the
 error is the mean distance of image0's four corners mapped by the estimate and by the truth, in pixels of
@@ -40,6 +41,13 @@ from matcher.evaluation import (
     software_versions,
     write_results,
 )
+from matcher.data.homography import (  # the generator lives in the package; re-exported here (see __all__)
+    IMAGE_SUFFIXES,
+    generate_homography_pair,
+    list_images,
+    photometric_change,
+    random_homography,
+)
 from matcher.image_io import read_image_gray
 from matcher.metrics import (
     HOMOGRAPHY_AUC_THRESHOLDS,
@@ -47,11 +55,13 @@ from matcher.metrics import (
     homography_auc,
     homography_corner_error,
     homography_match_accuracy,
-    image_corners,
 )
 
-#: Image file suffixes a generated benchmark picks up from --image-dir.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+__all__ = [
+    "IMAGE_SUFFIXES", "generate_homography_pair", "list_images", "photometric_change", "random_homography",
+    "hpatches_pairs", "read_homography", "load_hpatches_pair", "load_generated_pair", "evaluate_homography_pair",
+    "summarize_homography", "build_parser", "main",
+]
 
 #: Distance (px) under which a match counts as correct for the accuracy column.
 MATCH_ACCURACY_THR = 3.0
@@ -70,66 +80,7 @@ HOMOGRAPHY_COLUMNS = (
 )
 
 
-# ----------------------------------------------------------------------------------------------- generator
-def random_homography(hw: tuple[int, int], max_shift: float, rng: np.random.Generator) -> np.ndarray:
-    """Random perspective warp of an ``(H, W)`` image: each corner moves independently by up to
-    ``max_shift * W`` in x and ``max_shift * H`` in y (uniform). ``max_shift`` must be in [0, 0.25] so the
-    corner quadrilateral stays convex. Returns ``H (3, 3)`` mapping image pixels to warped pixels,
-    ``H[2, 2] = 1``."""
-    if not 0.0 <= max_shift <= 0.25:
-        raise ValueError(f"max_shift must be in [0, 0.25], got {max_shift}")
-    h, w = hw
-    corners = image_corners(hw)
-    moved = corners + rng.uniform(-1.0, 1.0, (4, 2)) * max_shift * np.array([w, h])
-    H = cv2.getPerspectiveTransform(corners.astype(np.float32), moved.astype(np.float32))
-    return H / H[2, 2]
-
-
-def photometric_change(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random gain (0.7..1.3), bias (-0.1..0.1), gamma (0.7..1.4) and Gaussian noise (sigma up to 0.02) on a
-    float image ``(H, W)`` in [0, 1]; returns float32 ``(H, W)`` in [0, 1]."""
-    gain, bias = rng.uniform(0.7, 1.3), rng.uniform(-0.1, 0.1)
-    gamma, sigma = rng.uniform(0.7, 1.4), rng.uniform(0.0, 0.02)
-    out = np.clip(gray, 0.0, 1.0) ** gamma * gain + bias + rng.normal(0.0, sigma, gray.shape)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def generate_homography_pair(
-    gray: np.ndarray, seed: int | Sequence[int], max_shift: float = 0.15, photometric: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic synthetic pair from one image.
-
-    Args:
-        gray: float image ``(H, W)`` in [0, 1].
-        seed: int or sequence of ints for ``np.random.SeedSequence``; equal seeds give equal pairs.
-        max_shift: corner displacement bound, fraction of the image side (see :func:`random_homography`).
-        photometric: apply :func:`photometric_change` to the warped image.
-    Returns:
-        ``image0`` (the input, float32), ``image1`` (warped, same size, zero outside the source) and the
-        true homography ``H (3, 3)`` mapping image0 pixels to image1 pixels.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence(seed))
-    image0 = np.asarray(gray, np.float32)
-    h, w = image0.shape
-    H = random_homography((h, w), max_shift, rng)
-    image1 = cv2.warpPerspective(image0, H, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    if photometric:
-        image1 = photometric_change(image1, rng)
-    return image0, image1, H
-
-
 # ----------------------------------------------------------------------------------------------- pair sources
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name. Raises FileNotFoundError when there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return images
-
-
 def hpatches_pairs(root: str | Path) -> list[tuple[str, Path, Path, Path]]:
     """HPatches pairs ``(key, image1 path, image k path, H_1_k path)`` for every sequence folder (sorted) and
     k = 2..6. Files are not opened here: a missing one makes its pair fail to load (and be skipped)."""

@@ -1,11 +1,11 @@
 """Relative-pose benchmark: AUC@5/10/20, epipolar precision, matches and time per pair, LoFTR's protocol.
 
 Examples:
-    python eval/pose.py --dataset scannet --data-root data/scannet/test \\
-        --npz data/scannet/index/test.npz --intrinsics data/scannet/index/intrinsics.npz \\
+    python eval/pose.py --dataset scannet --data-root datasets/scannet/test \\
+        --npz datasets/scannet/index/test.npz --intrinsics datasets/scannet/index/intrinsics.npz \\
         --matcher weights/indoor.ckpt
-    python eval/pose.py --dataset megadepth --data-root data/megadepth/test \\
-        --scene-info data/megadepth/index/megadepth_1500 --img-resize 840 --matcher outdoor.ckpt
+    python eval/pose.py --dataset megadepth --data-root datasets/megadepth/test \\
+        --scene-info datasets/megadepth/index/megadepth_1500 --img-resize 840 --matcher outdoor.ckpt
     python eval/pose.py --dataset synthetic --max-pairs 50 --matcher lite
     python eval/pose.py --dataset pairs --data-root images/ --pairs-file pairs_with_gt.txt
 

@@ -11,10 +11,24 @@ from torch.utils.data import ConcatDataset, Dataset
 VIRTUAL_TRAIN_SCENES = 10_000_000
 
 
-def _scene_files(folder: str | Path, suffix: str = ".npz") -> list[Path]:
+def _scene_files(folder: str | Path, suffix: str = ".npz", list_file: str | Path | None = None) -> list[Path]:
+    """Index files of a folder, sorted; with ``list_file`` (LoFTR's ``train_list.txt`` style: one file stem per
+    line, first token, '#' comments) only the listed ones, each of which must exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"index folder not found: {folder}")
+    if list_file:
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise FileNotFoundError(f"scene list not found: {list_file}")
+        stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        files = [folder / (stem if stem.endswith(suffix) else stem + suffix) for stem in stems]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"index file listed in {list_file} not found: {f}")
+        if not files:
+            raise FileNotFoundError(f"scene list {list_file} is empty")
+        return sorted(files)
     files = sorted(folder.glob(f"*{suffix}"))
     if not files:
         raise FileNotFoundError(f"no {suffix} index files in {folder}")
@@ -50,27 +64,54 @@ def build_datasets(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[Data
         from .data.homography import HomographyDataset
 
         size = tuple(cfg.image_size)
-        train = HomographyDataset(cfg.image_dir, VIRTUAL_TRAIN_SCENES, size, cfg.seed, split="train")
-        val = HomographyDataset(cfg.val_image_dir or cfg.image_dir, cfg.val_length, size, cfg.seed, split="val")
+        # Without a separate validation folder the last val_fraction of image_dir's sorted files is held out.
+        val_dir = cfg.get("val_image_dir") or None
+        options = dict(
+            val_fraction=0.0 if val_dir else float(cfg.get("val_fraction", 0.1)),
+            photometric=bool(cfg.get("photometric", True)),
+            max_angle=float(cfg.get("max_angle", 25.0)),
+            scale_range=tuple(cfg.get("scale_range", (0.8, 1.25))),
+            max_shift=float(cfg.get("max_shift", 0.12)),
+        )
+        train = HomographyDataset(cfg.image_dir, VIRTUAL_TRAIN_SCENES, size, cfg.seed, split="train", **options)
+        val = HomographyDataset(val_dir or cfg.image_dir, cfg.val_length, size, cfg.seed, split="val", **options)
         per_rank = VIRTUAL_TRAIN_SCENES // world
         return train, [range(rank * per_rank, (rank + 1) * per_rank)], max(1, cfg.train_length // world), val
     if name == "scannet":
         from .data.scannet import ScanNetDataset
 
-        files = _scene_files(cfg.train_index_dir)[rank::world]
+        size = tuple(cfg.image_size)
+        k_size = tuple(cfg.get("intrinsics_size", (480, 640)))
+        files = _scene_files(cfg.train_index_dir, list_file=cfg.get("train_list"))[rank::world]
         scenes = [
-            ScanNetDataset(Path(cfg.root) / "train", f, cfg.train_intrinsics, "train", cfg.min_overlap_score, tuple(cfg.image_size))
+            ScanNetDataset(Path(cfg.root) / "train", f, cfg.train_intrinsics, "train", cfg.min_overlap_score, size, intrinsics_size=k_size)
             for f in files
         ]
         train, groups = _grouped(scenes)
-        val = ScanNetDataset(cfg.val_root, cfg.val_npz, cfg.val_intrinsics, "val", 0.0, tuple(cfg.image_size))
+        # Validation needs images, K and poses only: depth is not read (ScanNet-1500 copies may lack it).
+        val = ScanNetDataset(cfg.val_root, cfg.val_npz, cfg.val_intrinsics, "val", 0.0, size, intrinsics_size=k_size, load_depth=False)
         return train, groups, cfg.samples_per_scene, val
     if name == "megadepth":
         from .data.megadepth import MegaDepthDataset
 
-        files = _scene_files(cfg.train_index_dir)[rank::world]
-        scenes = [MegaDepthDataset(cfg.root, f, "train", cfg.min_overlap_score, cfg.img_resize) for f in files]
+        options = dict(
+            df=cfg.get("df", 8), img_padding=bool(cfg.get("img_padding", True)), depth_padding=cfg.get("depth_padding", 2000),
+        )
+        files = _scene_files(cfg.train_index_dir, list_file=cfg.get("train_list"))[rank::world]
+        scenes = [
+            MegaDepthDataset(
+                cfg.root, f, "train", cfg.min_overlap_score, cfg.img_resize, max_overlap_score=float(cfg.get("max_overlap_score", 1.0)), **options
+            )
+            for f in files
+        ]
         train, groups = _grouped(scenes)
-        val = ConcatDataset([MegaDepthDataset(cfg.root, f, "val", 0.0, cfg.img_resize) for f in _scene_files(cfg.val_index_dir)])
+        # Validation needs images, K and poses only: depth is not read (MegaDepth-1500 ships no depth maps).
+        val_root = cfg.get("val_root") or cfg.root
+        val = ConcatDataset(
+            [
+                MegaDepthDataset(val_root, f, "val", 0.0, cfg.img_resize, **{**options, "load_depth": False, "depth_padding": False})
+                for f in _scene_files(cfg.val_index_dir, list_file=cfg.get("val_list"))
+            ]
+        )
         return train, groups, cfg.samples_per_scene, val
     raise ValueError(f"unknown dataset {name!r}: synthetic, homography, scannet or megadepth")

@@ -22,7 +22,7 @@ from .transformer import LocalFeatureTransformer
 from .weights import load_strict, read_state_dict
 
 #: Folder of the weights shipped with the project: ``NAME.safetensors`` beside ``NAME.yaml``.
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained"
 
 OUTPUT_KEYS = ("keypoints0", "keypoints1", "confidence", "batch_indexes")
 
@@ -205,7 +205,7 @@ class Matcher(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path = "default", config: DictConfig | str | None = None) -> "Matcher":
         """Build a matcher with weights, in eval mode.
 
-        ``name_or_path``: the name of weights shipped in ``matcher/weights/`` (``NAME.safetensors`` with its
+        ``name_or_path``: the name of weights shipped in ``matcher/pretrained/`` (``NAME.safetensors`` with its
         ``NAME.yaml`` config), or a checkpoint path. For a path, ``config`` (a config or its name) gives the
         architecture; by default a ``.yaml`` beside the checkpoint with the same stem, else the defaults.
         """
@@ -264,7 +264,7 @@ def matcher_with_description(weights: str | None = None, config: str | None = No
     if weights is not None:
         return Matcher.from_pretrained(weights, config=config), f"weights {weights}"
     if (WEIGHTS_DIR / "default.safetensors").is_file():
-        return Matcher.from_pretrained("default"), "the shipped default weights (matcher/weights/default.safetensors)"
+        return Matcher.from_pretrained("default"), "the shipped default weights (matcher/pretrained/default.safetensors)"
     torch.manual_seed(0)
     model = Matcher(load_config(config or "lite")).eval()
     return model, "RANDOM weights: no trained weights are shipped yet, so these matches are meaningless"

@@ -71,3 +71,34 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     if problem:
         raise ValueError(f"{source} does not fit this model config: {problem}")
     model.load_state_dict(state, strict=True)
+
+
+def export_safetensors(
+    checkpoint: str | Path, out: str | Path, config: str | Path, half: bool = True
+) -> dict[str, int]:
+    """Write a checkpoint's matcher weights as ``out`` (``.safetensors``) with its model config beside it
+    (``out`` with suffix ``.yaml``), after loading them strictly into ``config`` so that what is written is
+    known to fit. ``half`` stores floating tensors as float16 (loading casts them back to the model's dtype).
+    Returns ``{'tensors': ..., 'bytes': ...}``."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from .config import load_config
+    from .model import Matcher
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"output must end in .safetensors, got {out}")
+    cfg = load_config(str(config))
+    model = Matcher(cfg)
+    load_strict(model, read_state_dict(checkpoint), source=str(checkpoint))
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+        if k not in DERIVED_KEYS
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata={"source": Path(checkpoint).name, "dtype": "float16" if half else "float32"})
+    out.with_suffix(".yaml").write_text(OmegaConf.to_yaml(cfg))
+    return {"tensors": len(state), "bytes": out.stat().st_size}
+

@@ -112,3 +112,27 @@ def test_from_pretrained_with_path_and_sidecar_config(lite_model, tmp_path):
     assert not model.training and _same_weights(model, lite_model)
     with pytest.raises(ValueError, match="no shipped weights named 'nope'"):
         Matcher.from_pretrained("nope")
+
+
+def test_export_weights_cli_writes_fp16_safetensors_and_config(lite_model, tmp_path, image_pair):
+    """A Lightning checkpoint exported as shipped weights reloads through from_pretrained (config from the
+    sidecar yaml) and matches like the fp32 model; a checkpoint that does not fit the config is refused."""
+    from matcher.export_weights import main
+
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"global_step": 5, "state_dict": {f"matcher.{k}": v for k, v in lite_model.state_dict().items()}}, ckpt)
+    out = tmp_path / "shipped" / "mine.safetensors"
+    assert main([str(ckpt), str(out), "--config", "lite"]) == 0
+    assert out.with_suffix(".yaml").is_file()
+    from safetensors.torch import load_file
+
+    assert all(v.dtype in (torch.float16, torch.int64) for v in load_file(str(out)).values())
+    shipped = Matcher.from_pretrained(out)
+    for k, v in shipped.state_dict().items():
+        torch.testing.assert_close(v, lite_model.state_dict()[k], atol=1e-2, rtol=1e-3)
+    x0, x1 = image_pair
+    with torch.inference_mode():
+        a, b = lite_model({"image0": x0, "image1": x1}), shipped({"image0": x0, "image1": x1})
+    assert abs(len(a["keypoints0"]) - len(b["keypoints0"])) <= max(2, 0.05 * len(a["keypoints0"]))
+    assert main([str(ckpt), str(tmp_path / "bad.safetensors"), "--config", "quadtree_b_indoor"]) == 2
+    assert not (tmp_path / "bad.safetensors").exists()

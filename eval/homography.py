@@ -1,7 +1,7 @@
 """Homography benchmark: corner-error AUC@3/5/10 px, share of matches within 3 px, matches and time per pair.
 
 Examples:
-    python eval/homography.py --hpatches datasets/hpatches-sequences-release --matcher weights/outdoor.ckpt
+    python eval/homography.py --hpatches datasets/hpatches-sequences-release --matcher outdoor.ckpt --config quadtree_b_outdoor
     python eval/homography.py --image-dir photos/ --num-pairs 200 --seed 0 --matcher lite --resize 640
 
 HPatches layout: one folder per sequence with ``1.ppm`` .. ``6.ppm`` and ``H_1_2`` .. ``H_1_6`` (3x3 text
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_pairs is not None:
         num_pairs = min(num_pairs, args.max_pairs)
     names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device)
+    matchers = build_matchers(names, args.device, args.config)
     caches = open_caches(args.out, prefix, names, matchers, data_fingerprint, args.overwrite_cache)
     try:
         run = run_pairs(

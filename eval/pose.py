@@ -2,10 +2,12 @@
 
 Examples:
     python eval/pose.py --dataset scannet --data-root datasets/scannet/test \\
-        --npz datasets/scannet/index/test.npz --intrinsics datasets/scannet/index/intrinsics.npz \\
-        --matcher weights/indoor.ckpt
-    python eval/pose.py --dataset megadepth --data-root datasets/megadepth/test \\
-        --scene-info datasets/megadepth/index/megadepth_1500 --img-resize 840 --matcher outdoor.ckpt
+        --npz datasets/scannet/index/scene_data/test/test.npz \\
+        --intrinsics datasets/scannet/index/scene_data/test/intrinsics.npz \\
+        --matcher indoor.ckpt --config quadtree_b_indoor
+    python eval/pose.py --dataset megadepth --data-root datasets/megadepth \\
+        --scene-info datasets/megadepth/index/scene_info_val_1500 --img-resize 840 \\
+        --matcher outdoor.ckpt --config quadtree_b_outdoor
     python eval/pose.py --dataset synthetic --max-pairs 50 --matcher lite
     python eval/pose.py --dataset pairs --data-root images/ --pairs-file pairs_with_gt.txt
 
@@ -333,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_fingerprint = {**data_fingerprint, "resize": args.resize}
     num_pairs = len(dataset) if args.max_pairs is None else min(args.max_pairs, len(dataset))
     names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device)
+    matchers = build_matchers(names, args.device, args.config)
     caches = open_caches(args.out, f"pose-{args.dataset}", names, matchers, data_fingerprint, args.overwrite_cache)
     try:
         run = run_pairs(

@@ -101,13 +101,14 @@ def matcher_fingerprint(matcher: Any, name: str) -> dict[str, Any]:
     }
 
 
-def build_matchers(names: Sequence[str], device: str) -> dict[str, Any]:
-    """``{label: matcher}`` for the given names (see ``matcher.baselines.build_matcher``). The torch seed is
-    fixed first so that a config name (random weights) builds the same model on every run."""
+def build_matchers(names: Sequence[str], device: str, config: str | None = None) -> dict[str, Any]:
+    """``{label: matcher}`` for the given names (see ``matcher.baselines.build_matcher``; ``config`` is the
+    architecture of checkpoints with no ``.yaml`` beside them). The torch seed is fixed first so that a config
+    name (random weights) builds the same model on every run."""
     import torch
 
     torch.manual_seed(0)
-    return {label: build_matcher(name, device=device) for label, name in zip(unique_labels(names), names)}
+    return {label: build_matcher(name, device=device, config=config) for label, name in zip(unique_labels(names), names)}
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -400,6 +401,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="matcher to evaluate (repeatable): sift, orb, a checkpoint (.ckpt/.pt/.pth/.safetensors), shipped "
         "weights ('default') or a model config name (random weights). SIFT and ORB rows are always added "
         "unless --no-baselines.",
+    )
+    parser.add_argument(
+        "--config", default=None, help="model config (name or yaml) of checkpoints with no .yaml beside them, "
+        "e.g. quadtree_b_outdoor for the published outdoor .ckpt (default: the model defaults)",
     )
     parser.add_argument("--no-baselines", action="store_true", help="do not add the SIFT and ORB rows")
     parser.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")

@@ -21,15 +21,7 @@ def dual_softmax(
     Features are scaled by 1/sqrt(C) each, the similarity divided by ``temperature``; masked (False)
     rows / columns get zero confidence.
     """
-    c = feat0.shape[-1]
-    sim = torch.einsum("blc,bsc->bls", feat0, feat1) / (c * temperature)
-    invalid = None
-    if mask0 is not None:
-        invalid = ~mask0[:, :, None]
-    if mask1 is not None:
-        invalid = ~mask1[:, None, :] if invalid is None else invalid | ~mask1[:, None, :]
-    if invalid is not None:
-        sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
+    sim, invalid = _chunk_similarity(feat0, feat1, 1.0 / (feat0.shape[-1] * temperature), slice(None), mask0, mask1)
     conf = F.softmax(sim, 1) * F.softmax(sim, 2)
     if invalid is not None:
         conf = conf.masked_fill(invalid, 0.0)
@@ -67,15 +59,83 @@ def mutual_nearest_matches(
 
     Returns ``b_ids, i_ids, j_ids, mconf``, each ``(M,)``.
     """
-    b = conf.shape[0]
     row_max, j_best = conf.max(dim=2)
-    col_max = conf.amax(dim=1)
-    keep0 = off_border(b, *hw0, border, mask0, conf.device)
-    keep1 = off_border(b, *hw1, border, mask1, conf.device)
+    return _select_mutual(row_max, j_best, conf.amax(dim=1), thr, border, hw0, hw1, mask0, mask1)
+
+
+def _select_mutual(
+    row_max: torch.Tensor, j_best: torch.Tensor, col_max: torch.Tensor, thr: float, border: int,
+    hw0: tuple[int, int], hw1: tuple[int, int], mask0: torch.Tensor | None, mask1: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Matches from per-row maxima / argmax ``(B, L0)`` and per-column maxima ``(B, L1)`` of the confidence."""
+    b = row_max.shape[0]
+    keep0 = off_border(b, *hw0, border, mask0, row_max.device)
+    keep1 = off_border(b, *hw1, border, mask1, row_max.device)
     valid = (row_max > thr) & (torch.gather(col_max, 1, j_best) == row_max)
     valid = valid & keep0 & torch.gather(keep1, 1, j_best)
     b_ids, i_ids = torch.where(valid)
     return b_ids, i_ids, j_best[b_ids, i_ids], row_max[b_ids, i_ids]
+
+
+#: Above this many confidence entries (B x L0 x L1) inference matches in row chunks instead of building the
+#: dense matrix (64M entries = 256 MB in fp32; a 1600x1200 pair has 900M).
+DENSE_MATCHING_MAX_ENTRIES = 1 << 26
+
+
+def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled similarity of the query rows ``rows`` ``(B, r, L1)`` and their invalid entries (or None)."""
+    sim = torch.einsum("blc,bsc->bls", feat0[:, rows], feat1) * scale
+    invalid = None
+    if mask0 is not None:
+        invalid = ~mask0[:, rows, None]
+    if mask1 is not None:
+        invalid = ~mask1[:, None, :] if invalid is None else invalid | ~mask1[:, None, :]
+    if invalid is not None:
+        sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
+    return sim, invalid
+
+
+def chunked_mutual_nearest_matches(
+    feat0: torch.Tensor,
+    feat1: torch.Tensor,
+    temperature: float,
+    thr: float,
+    border: int,
+    hw0: tuple[int, int],
+    hw1: tuple[int, int],
+    mask0: torch.Tensor | None = None,
+    mask1: torch.Tensor | None = None,
+    max_entries: int = DENSE_MATCHING_MAX_ENTRIES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dual_softmax` followed by :func:`mutual_nearest_matches`, without the ``(B, L0, L1)`` matrix.
+
+    The dual softmax is ``exp(2 s_ij - R_i - C_j)`` with ``R`` / ``C`` the log-sum-exp of the similarity
+    ``s`` over rows / columns: a first pass over row chunks of at most ``max_entries`` entries computes
+    ``R`` and accumulates ``C``, a second one recomputes each chunk's confidence for its row maxima and the
+    running column maxima. Memory is O(chunk x L1) instead of O(L0 x L1); same outputs as the dense pair.
+    """
+    b, l0, c = feat0.shape
+    scale = 1.0 / (c * temperature)
+    step = max(1, max_entries // max(1, b * feat1.shape[1]))
+    chunks = [slice(i, min(i + step, l0)) for i in range(0, l0, step)]
+    row_lse, col_lse = [], None
+    for rows in chunks:
+        sim, _ = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
+        row_lse.append(sim.logsumexp(2))
+        part = sim.logsumexp(1)
+        col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+    row_max, j_best, col_max = [], [], None
+    for rows, lse in zip(chunks, row_lse):
+        sim, invalid = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
+        conf = torch.exp(2 * sim - lse[:, :, None] - col_lse[:, None, :])
+        if invalid is not None:
+            conf = conf.masked_fill(invalid, 0.0)
+        value, index = conf.max(dim=2)
+        row_max.append(value)
+        j_best.append(index)
+        part = conf.amax(dim=1)
+        col_max = part if col_max is None else torch.maximum(col_max, part)
+    return _select_mutual(torch.cat(row_max, 1), torch.cat(j_best, 1), col_max, thr, border, hw0, hw1, mask0, mask1)
 
 
 def pad_with_ground_truth(

@@ -15,7 +15,8 @@ from torch import nn
 from .backbone import ResNetFPN
 from .config import load_config
 from .image_io import ImageLike, load_gray, resize_long_side
-from .matching import FinePreprocess, cell_coordinates, dual_softmax, mutual_nearest_matches, pad_with_ground_truth
+from .matching import DENSE_MATCHING_MAX_ENTRIES, FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dual_softmax
+from .matching import mutual_nearest_matches, pad_with_ground_truth
 from .matching import window_expectation
 from .position_encoding import sine_position_encoding
 from .transformer import LocalFeatureTransformer
@@ -155,9 +156,16 @@ class Matcher(nn.Module):
 
         mc = cfg.match_coarse
         fm0, fm1 = (None if m is None else m.flatten(1) for m in (mask0, mask1))
-        conf = dual_softmax(t0, t1, mc.dsmax_temperature, fm0, fm1)
+        conf = None
+        if internals or self.training or t0.shape[0] * t0.shape[1] * t1.shape[1] <= DENSE_MATCHING_MAX_ENTRIES:
+            conf = dual_softmax(t0, t1, mc.dsmax_temperature, fm0, fm1)
         with torch.no_grad():
-            b_ids, i_ids, j_ids, mconf = mutual_nearest_matches(conf, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1)
+            if conf is None:  # large inference pairs: never build the (B, L0, L1) matrix
+                b_ids, i_ids, j_ids, mconf = chunked_mutual_nearest_matches(
+                    t0, t1, mc.dsmax_temperature, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1
+                )
+            else:
+                b_ids, i_ids, j_ids, mconf = mutual_nearest_matches(conf, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1)
             if self.training and "spv_b_ids" in batch:
                 num_train = int(self._max_candidates(conf, fm0, fm1) * mc.train_coarse_percent)
                 b_ids, i_ids, j_ids, mconf = pad_with_ground_truth(

@@ -162,3 +162,43 @@ def test_full_width_indoor_model_on_640x480():
     with torch.inference_mode():
         out = model({"image0": torch.rand(1, 1, 480, 640), "image1": torch.rand(1, 1, 480, 640)})
     assert out["keypoints0"].shape[1] == 2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_coarse_matching_equals_dense(masked):
+    """The memory-bounded matcher of large inference pairs gives the dense dual-softmax + mutual-NN result."""
+    from matcher.matching import chunked_mutual_nearest_matches, dual_softmax, mutual_nearest_matches
+
+    g = torch.Generator().manual_seed(0)
+    hw0, hw1 = (12, 16), (10, 14)
+    f0 = torch.randn(2, hw0[0] * hw0[1], 32, generator=g)
+    f1 = torch.randn(2, hw1[0] * hw1[1], 32, generator=g)
+    f1[:, : 100] = f0[:, 50:150] + 0.05 * torch.randn(2, 100, 32, generator=g)  # some clear matches
+    m0 = m1 = None
+    if masked:
+        m0 = torch.ones(2, *hw0, dtype=torch.bool)
+        m0[1, 9:] = False
+        m1 = torch.ones(2, *hw1, dtype=torch.bool)
+        m1[0, :, 11:] = False
+        m0, m1 = m0.flatten(1), m1.flatten(1)
+    dense = mutual_nearest_matches(dual_softmax(f0, f1, 0.1, m0, m1), 0.05, 2, hw0, hw1, m0, m1)
+    chunked = chunked_mutual_nearest_matches(f0, f1, 0.1, 0.05, 2, hw0, hw1, m0, m1, max_entries=2 * hw1[0] * hw1[1] * 7)
+    assert len(dense[0]) > 20
+    for a, b in zip(dense[:3], chunked[:3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(dense[3], chunked[3], rtol=1e-4, atol=1e-6)
+
+
+def test_large_inference_pairs_use_chunked_matching(image_pair, monkeypatch):
+    """Forcing the chunked path in forward() gives the same matches as the dense one."""
+    import matcher.model as model_module
+
+    model = Matcher.from_pretrained("default")  # trained weights: real matches
+    x0, x1 = image_pair
+    with torch.inference_mode():
+        dense = model({"image0": x0, "image1": x1})
+        monkeypatch.setattr(model_module, "DENSE_MATCHING_MAX_ENTRIES", 0)
+        chunked = model({"image0": x0, "image1": x1})
+    assert len(dense["keypoints0"]) > 0
+    assert torch.equal(dense["keypoints0"], chunked["keypoints0"])
+    torch.testing.assert_close(dense["keypoints1"], chunked["keypoints1"])

@@ -1,0 +1,484 @@
+"""Speed and memory benchmark: end to end against kornia LoFTR, QuadTree-B against exact attention, peak
+memory at 1600x1200, FLOPs per stage and how close each stage runs to the machine's matrix-multiply rate.
+
+    python eval/benchmark.py                       # CPU, all sections (about 10 minutes on 2 cores)
+    python eval/benchmark.py --quick               # tiny sizes, under a minute (used by the tests)
+    python eval/benchmark.py --device cuda         # GPU: adds pairs/s at 640x480 and 1152x1152, fp32 and bf16
+
+Every timing is a median over interleaved repetitions (A B A B ...), and every target is a RATIO of two
+timings taken in the same process, so that a noisy machine moves both sides. Peak memory on CPU is measured
+in a child process per configuration (peak resident set minus the resident set before the run), on CUDA
+with ``torch.cuda.max_memory_allocated``. Results: a Markdown table on stdout, and ``benchmark.json`` (all
+raw numbers) + ``benchmark.md`` in ``--out``.
+
+Weights: timings use seeded random weights (speed does not depend on them, except through the number of
+matches, which is reported); the agreement of the bf16 path is measured with the shipped default weights
+(real matches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ASSETS = Path(__file__).resolve().parents[1] / "demo" / "assets"
+
+#: Targets of the speed issue, as (description, key in the ratios dict, comparison, bound).
+TARGETS = (
+    ("e2e 640x480: ours / kornia LoFTR time", "e2e_time_ratio", "<=", 1 / 3),
+    ("QuadTree-B layer 19,200 tokens: SDPA / QuadTree time", "attention_speedup_19200", ">=", 10.0),
+    ("QuadTree-B time growth 4,800 -> 19,200 tokens", "quadtree_time_growth_1", "<=", 4.6),
+    ("QuadTree-B time growth 19,200 -> 76,800 tokens", "quadtree_time_growth_2", "<=", 4.6),
+    ("QuadTree-B memory growth 4,800 -> 19,200 tokens", "quadtree_memory_growth_1", "<=", 4.6),
+    ("QuadTree-B memory growth 19,200 -> 76,800 tokens", "quadtree_memory_growth_2", "<=", 4.6),
+    ("1600x1200 pair, full-width model: peak memory (GB)", "peak_gb_1600x1200", "<=", 8.0),
+    ("bf16 path keeps fp32 matches within 1 px", "bf16_agreement", ">=", 0.95),
+)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved (A B A B ...) after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def check_target(value: float | None, op: str, bound: float) -> str:
+    """'met' / 'not met' / 'n/a' for a ratio against its bound."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    ok = value <= bound if op == "<=" else value >= bound
+    return "met" if ok else "not met"
+
+
+def matches_kept(ref0: np.ndarray, ref1: np.ndarray, new0: np.ndarray, new1: np.ndarray, tol: float = 1.0) -> float:
+    """Share of reference matches (ref0[i], ref1[i]) that the new run reproduces: some new match has both
+    keypoints within ``tol`` px (max-norm). 1.0 when the reference has no matches."""
+    if len(ref0) == 0:
+        return 1.0
+    if len(new0) == 0:
+        return 0.0
+    d0 = np.abs(ref0[:, None, :] - new0[None, :, :]).max(-1)
+    d1 = np.abs(ref1[:, None, :] - new1[None, :, :]).max(-1)
+    return float(((d0 <= tol) & (d1 <= tol)).any(1).mean())
+
+
+def matmul_gflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Measured GFLOP/s of an n x n x n matmul (2 n^3 FLOPs)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = median_times({"mm": lambda: a @ b}, repeats, device)["mm"]
+    return 2 * n**3 / t / 1e9
+
+
+def sample_pair(hw: tuple[int, int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo pair (real texture) resized to ``hw``, as (1, 1, H, W) tensors in [0, 1]."""
+    import cv2
+
+    images = []
+    for name in ("pair_a.png", "pair_b.png"):
+        gray = cv2.imread(str(ASSETS / name), cv2.IMREAD_GRAYSCALE)
+        gray = cv2.resize(gray, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
+        images.append(torch.from_numpy(gray).float().div(255)[None, None].to(device))
+    return images[0], images[1]
+
+
+def build_ours(config: str, device: str, seed: int = 0) -> torch.nn.Module:
+    from matcher import Matcher, load_config
+
+    torch.manual_seed(seed)
+    return Matcher(load_config(config)).eval().to(device)
+
+
+def build_kornia(device: str, seed: int = 0) -> torch.nn.Module:
+    from kornia.feature import LoFTR
+
+    torch.manual_seed(seed)
+    return LoFTR(pretrained=None).eval().to(device)
+
+
+def run_pair(model: torch.nn.Module, x0: torch.Tensor, x1: torch.Tensor, autocast: torch.dtype | None = None) -> dict:
+    device_type = x0.device.type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        return model({"image0": x0, "image1": x1})
+
+
+# ----------------------------------------------------------------------------------------------- child runs
+def child_main(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this (child) process; report time and peak memory above the start."""
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    if spec["kind"] == "pair":
+        model = build_ours(spec["config"], device) if spec["model"] == "ours" else build_kornia(device)
+        x0, x1 = sample_pair(tuple(spec["hw"]), device)
+        fn = lambda: run_pair(model, x0, x1)  # noqa: E731
+    else:
+        layer, inputs = attention_layer(spec["model"], tuple(spec["grid"]), device)
+        fn = lambda: attention_forward(layer, spec["model"], tuple(spec["grid"]), *inputs)  # noqa: E731
+    before = resident_mb()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    seconds = time.perf_counter() - start
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = peak_resident_mb() - before
+    matches = len(out["keypoints0"]) if isinstance(out, dict) else None
+    return {"seconds": seconds, "peak_mb": peak, "process_peak_mb": peak_resident_mb(), "matches": matches}
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def resident_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def peak_resident_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """Run :func:`child_main` in a fresh interpreter (own peak memory); errors come back as ``error``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def attention_layer(kind: str, grid: tuple[int, int], device: str, dim: int = 256, nhead: int = 8):
+    """The QuadTree-B attention layer of ``quadtree_b_indoor`` (q/k/v projections, pyramids, top-k 32/16/16,
+    output projection) or the same projections around exact softmax attention (SDPA), with inputs."""
+    from matcher.transformer import QuadtreeAttention
+
+    torch.manual_seed(0)
+    layer = QuadtreeAttention(dim, nhead, [32, 16, 16], "B").eval().to(device)
+    n = grid[0] * grid[1]
+    x = torch.randn(1, n, dim, device=device)
+    src = torch.randn(1, n, dim, device=device)
+    return layer, (x, src)
+
+
+#: Largest score matrix exact attention may hold at once (bytes): torch's CPU SDPA materialises the N x N
+#: scores, 11.8 GB per layer call at 19,200 tokens and 8 heads, so queries are processed in chunks.
+SDPA_CHUNK_BYTES = 1 << 30
+
+
+def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact softmax attention (``scaled_dot_product_attention``) over query chunks whose (B, H, chunk, N)
+    score matrix stays under :data:`SDPA_CHUNK_BYTES`; the result equals one unchunked call."""
+    b, h, n, _ = q.shape
+    chunk = max(1, SDPA_CHUNK_BYTES // (b * h * k.shape[2] * q.element_size()))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return torch.cat([sdpa(q[:, :, i : i + chunk], k, v) for i in range(0, n, chunk)], dim=2)
+
+
+def attention_forward(layer, kind: str, grid: tuple[int, int], x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        if kind == "quadtree":
+            return layer(x, src, grid, grid)
+        b, n, c = x.shape
+        h = layer.nhead
+        as_grid = lambda t: t.transpose(1, 2).reshape(b, c, *grid)  # noqa: E731
+        heads = lambda t: t.flatten(2).reshape(b, h, c // h, n).transpose(2, 3)  # noqa: E731
+        q, k, v = heads(layer.q_proj(as_grid(x))), heads(layer.k_proj(as_grid(src))), heads(layer.v_proj(as_grid(src)))
+        message = chunked_sdpa(q, k, v)
+        return layer.proj(message.transpose(1, 2).reshape(b, n, c))
+
+
+def section_attention(grids: list[tuple[int, int]], device: str, threads: int, repeats: int, sdpa_budget_s: float) -> dict:
+    """Time (in-process, interleaved) and peak memory (child processes) of QuadTree-B vs SDPA per grid."""
+    rows = []
+    sdpa_estimate = None
+    for grid in grids:
+        n = grid[0] * grid[1]
+        qt_layer, qt_in = attention_layer("quadtree", grid, device)
+        fns = {"quadtree": lambda: attention_forward(qt_layer, "quadtree", grid, *qt_in)}
+        run_sdpa = sdpa_estimate is None or sdpa_estimate * (repeats + 1) <= sdpa_budget_s
+        if run_sdpa:
+            fns["sdpa"] = lambda: attention_forward(qt_layer, "sdpa", grid, *qt_in)
+        times = median_times(fns, repeats, device)
+        row = {"tokens": n, "grid": list(grid), "quadtree_s": times["quadtree"], "sdpa_s": times.get("sdpa")}
+        if row["sdpa_s"] is not None:
+            sdpa_estimate = row["sdpa_s"] * 16  # exact attention is quadratic in the tokens
+            row["speedup"] = row["sdpa_s"] / row["quadtree_s"]
+        else:
+            row["sdpa_note"] = f"skipped: estimated {sdpa_estimate:.0f} s per call (quadratic extrapolation)"
+            sdpa_estimate *= 16
+        spec = {"kind": "attention", "grid": list(grid), "device": device, "threads": threads}
+        row["quadtree_peak_mb"] = run_child({**spec, "model": "quadtree"}).get("peak_mb")
+        row["sdpa_peak_mb"] = run_child({**spec, "model": "sdpa"}).get("peak_mb") if run_sdpa else None
+        rows.append(row)
+        print(f"  attention {n} tokens: {row}", flush=True)
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: bool, autocast: torch.dtype | None) -> dict:
+    """Ours (quadtree_b_indoor, fp32 and autocast) vs kornia LoFTR (fp32) on one pair, interleaved."""
+    ours = build_ours("quadtree_b_indoor", device)
+    x0, x1 = sample_pair(hw, device)
+    fns = {"ours_fp32": lambda: run_pair(ours, x0, x1)}
+    if autocast is not None:
+        fns["ours_" + str(autocast).split(".")[-1]] = lambda: run_pair(ours, x0, x1, autocast)
+    if with_kornia:
+        kornia_model = build_kornia(device)
+        fns["kornia_loftr_fp32"] = lambda: run_pair(kornia_model, x0, x1)
+    times = median_times(fns, repeats, device)
+    result = {"hw": list(hw), "seconds": times, "matches": {"ours_fp32": len(run_pair(ours, x0, x1)["keypoints0"])}}
+    if with_kornia:
+        result["matches"]["kornia_loftr_fp32"] = len(run_pair(kornia_model, x0, x1)["keypoints0"])
+        result["time_ratio"] = times["ours_fp32"] / times["kornia_loftr_fp32"]
+    return result
+
+
+def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype) -> dict:
+    """Share of the fp32 matches the autocast run keeps within 1 px, with the shipped default weights."""
+    from matcher import Matcher
+
+    model = Matcher.from_pretrained("default").to(device)
+    x0, x1 = sample_pair(hw, device)
+    ref, new = run_pair(model, x0, x1), run_pair(model, x0, x1, autocast)
+    to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
+    kept = matches_kept(to_np(ref["keypoints0"]), to_np(ref["keypoints1"]), to_np(new["keypoints0"]), to_np(new["keypoints1"]))
+    return {"weights": "default (lite)", "hw": list(hw), "fp32_matches": len(ref["keypoints0"]), "autocast_matches": len(new["keypoints0"]), "kept_within_1px": kept}
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs
+STAGES = ("backbone", "loftr_coarse", "fine_preprocess", "loftr_fine")
+
+
+def section_flops(hw: tuple[int, int], device: str, repeats: int, rate_gflops: float) -> dict:
+    """FLOPs per stage (torch FlopCounterMode), time per stage (module hooks), achieved GFLOP/s and its share
+    of the measured matmul rate. 'other' = everything outside the four modules (position encoding, dual
+    softmax and mutual nearest neighbours, window expectation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_ours("quadtree_b_indoor", device)
+    x0, x1 = sample_pair(hw, device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_pair(model, x0, x1)
+    counts = counter.get_flop_counts()
+    total = sum(counts.get("Global", {}).values())
+    flops = {s: sum(v for k, d in counts.items() if k.endswith("." + s) and k.count(".") == 1 for v in d.values()) for s in STAGES}
+    flops["other"] = total - sum(flops.values())
+    seconds = {s: 0.0 for s in STAGES}
+    starts: dict[str, float] = {}
+    def start(stage: str) -> None:
+        sync(device)
+        starts[stage] = time.perf_counter()
+
+    def stop(stage: str) -> None:
+        sync(device)
+        seconds[stage] += time.perf_counter() - starts[stage]
+
+    hooks = []
+    for s in STAGES:
+        module = getattr(model, s)
+        hooks.append(module.register_forward_pre_hook(lambda m, a, s=s: start(s)))
+        hooks.append(module.register_forward_hook(lambda m, a, o, s=s: stop(s)))
+    run_pair(model, x0, x1)  # warm-up
+    for s in STAGES:
+        seconds[s] = 0.0
+    total_s = median_times({"all": lambda: run_pair(model, x0, x1)}, repeats, device, warmup=0)["all"]
+    for h in hooks:
+        h.remove()
+    per_stage = {s: seconds[s] / repeats for s in STAGES}
+    per_stage["other"] = max(total_s - sum(per_stage.values()), 0.0)
+    rows = []
+    for s in (*STAGES, "other"):
+        achieved = flops[s] / per_stage[s] / 1e9 if per_stage[s] > 0 else float("nan")
+        rows.append({"stage": s, "gflop": flops[s] / 1e9, "seconds": per_stage[s], "gflops": achieved, "share_of_matmul_rate": achieved / rate_gflops})
+    return {"hw": list(hw), "total_gflop": total / 1e9, "total_seconds": total_s, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
+    r: dict[str, float | None] = {}
+    e2e = results.get("e2e")
+    r["e2e_time_ratio"] = e2e.get("time_ratio") if e2e else None
+    rows = results.get("attention", {}).get("rows", [])
+    by_n = {row["tokens"]: row for row in rows}
+    mid = by_n.get(19200) or (rows[1] if len(rows) > 1 else None)
+    r["attention_speedup_19200"] = mid.get("speedup") if mid else None
+    for i in (1, 2):
+        if len(rows) > i:
+            a, b = rows[i - 1], rows[i]
+            r[f"quadtree_time_growth_{i}"] = b["quadtree_s"] / a["quadtree_s"]
+            pa, pb = a.get("quadtree_peak_mb"), b.get("quadtree_peak_mb")
+            r[f"quadtree_memory_growth_{i}"] = pb / pa if pa and pb else None
+    mem = results.get("memory")
+    r["peak_gb_1600x1200"] = mem["peak_mb"] / 1024 if mem and "peak_mb" in mem else None
+    agree = results.get("agreement")
+    r["bf16_agreement"] = agree["kept_within_1px"] if agree else None
+    return r
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"# Benchmark ({'quick' if results['quick'] else 'full'})", "",
+             f"Machine: {m['cpu']}, {m['threads']} threads, {m.get('gpu', m['device'])}; torch {m['torch']} "
+             f"(CPU capability {m['cpu_capability']}). Matmul rate: "
+             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_gflops"].items()), ""]
+    if "e2e" in results:
+        e = results["e2e"]
+        lines += [f"## End to end, one {e['hw'][1]}x{e['hw'][0]} pair", "", "| configuration | s / pair | matches |", "|:---|---:|---:|"]
+        lines += [f"| {k} | {v:.3f} | {e['matches'].get(k, '')} |" for k, v in e["seconds"].items()]
+        lines.append("")
+    if "agreement" in results:
+        a = results["agreement"]
+        lines += [f"bf16 autocast agreement ({a['weights']} weights, {a['hw'][1]}x{a['hw'][0]}): {100 * a['kept_within_1px']:.1f}% of "
+                  f"{a['fp32_matches']} fp32 matches kept within 1 px ({a['autocast_matches']} bf16 matches)", ""]
+    if "attention" in results:
+        lines += ["## Attention layer (d_model 256, 8 heads): QuadTree-B (top-k 32/16/16) vs exact softmax (SDPA)", "",
+                  "Both with the same q/k/v and output projections; SDPA runs over query chunks whose score matrix stays under 1 GB "
+                  "(one call would need N x N x 8 heads x 4 bytes: 11.8 GB at 19,200 tokens).", "",
+                  "| tokens | grid | QuadTree-B s | SDPA s | speed-up | QuadTree-B peak MB | SDPA peak MB |", "|---:|:---|---:|---:|---:|---:|---:|"]
+        for r in results["attention"]["rows"]:
+            sd = f"{r['sdpa_s']:.3f}" if r.get("sdpa_s") is not None else r.get("sdpa_note", "n/a")
+            sp = f"{r['speedup']:.1f}x" if "speedup" in r else "n/a"
+            fmt = lambda v: f"{v:.0f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+            lines.append(f"| {r['tokens']} | {r['grid'][1]}x{r['grid'][0]} | {r['quadtree_s']:.3f} | {sd} | {sp} | {fmt(r['quadtree_peak_mb'])} | {fmt(r['sdpa_peak_mb'])} |")
+        lines.append("")
+    if "memory" in results:
+        mem = results["memory"]
+        val = f"{mem['peak_mb'] / 1024:.2f} GB above the loaded model ({mem['process_peak_mb'] / 1024:.2f} GB process peak), {mem['seconds']:.1f} s, {mem['matches']} matches" if "peak_mb" in mem else mem.get("error", "")
+        lines += [f"## Peak memory, one {mem['hw'][1]}x{mem['hw'][0]} pair, quadtree_b_indoor", "", val, ""]
+    if "flops" in results:
+        f = results["flops"]
+        lines += [f"## FLOPs per stage, quadtree_b_indoor, {f['hw'][1]}x{f['hw'][0]} ({f['total_gflop']:.1f} GFLOP, {f['total_seconds']:.3f} s)", "",
+                  "| stage | GFLOP | s | GFLOP/s | % of matmul rate |", "|:---|---:|---:|---:|---:|"]
+        lines += [f"| {r['stage']} | {r['gflop']:.2f} | {r['seconds']:.3f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_rate']:.0f}% |" for r in f["rows"]]
+        lines.append("")
+    if "gpu" in results:
+        lines += ["## GPU pairs per second", "", "| size | configuration | pairs/s |", "|:---|:---|---:|"]
+        for size, row in results["gpu"].items():
+            lines += [f"| {size} | {k} | {1 / v:.2f} |" for k, v in row["seconds"].items()]
+        lines.append("")
+    lines += ["## Targets", "", "| target | value | bound | status |", "|:---|---:|---:|:---|"]
+    for desc, key, op, bound in TARGETS:
+        v = results["ratios"].get(key)
+        lines.append(f"| {desc} | {'n/a' if v is None else f'{v:.3g}'} | {op} {bound:.3g} | {check_target(v, op, bound)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke run)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sections", default="e2e,agreement,attention,memory,flops,gpu", help="comma-separated subset")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, quick 1)")
+    p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(child_main(json.loads(args.child))))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    device, quick = args.device, args.quick
+    repeats = args.repeats or (1 if quick else 3)
+    sections = set(args.sections.split(","))
+    cuda = device.startswith("cuda")
+    bf16 = torch.bfloat16 if (cuda or "avx512" in torch.backends.cpu.get_cpu_capability().lower()) else None
+    results: dict[str, Any] = {"quick": quick, "machine": machine_info(device), "repeats": repeats}
+    n = 1024 if quick else 2048
+    results["matmul_gflops"] = {"fp32": matmul_gflops(device, torch.float32, n)}
+    if bf16 is not None:
+        results["matmul_gflops"]["bf16"] = matmul_gflops(device, bf16, n)
+    e2e_hw = (96, 128) if quick else (480, 640)
+    if "e2e" in sections:
+        print("end to end ...", flush=True)
+        results["e2e"] = section_e2e(e2e_hw, device, repeats, with_kornia=True, autocast=bf16)
+    if "agreement" in sections and bf16 is not None:
+        print("bf16 agreement ...", flush=True)
+        results["agreement"] = section_agreement(e2e_hw, device, bf16)
+    if "attention" in sections:
+        print("attention ...", flush=True)
+        grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
+        results["attention"] = section_attention(grids, device, threads, repeats, sdpa_budget_s=30 if quick else 300)
+    if "memory" in sections:
+        print("peak memory ...", flush=True)
+        hw = (240, 320) if quick else (1200, 1600)
+        spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads}
+        results["memory"] = {"hw": list(hw), **run_child(spec)}
+    if "flops" in sections:
+        print("FLOPs per stage ...", flush=True)
+        results["flops"] = section_flops(e2e_hw, device, repeats, results["matmul_gflops"]["fp32"])
+    if "gpu" in sections and cuda:
+        print("GPU throughput ...", flush=True)
+        results["gpu"] = {f"{w}x{h}": section_e2e((h, w), device, max(repeats, 5), True, bf16) for h, w in ((480, 640), (1152, 1152))}
+    results["ratios"] = ratios_of(results)
+    markdown = render_markdown(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "benchmark.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""eval/benchmark.py: its pure helpers against hand-computed answers, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "eval" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matches_kept_counts_reference_matches_found_within_tolerance(bench):
+    ref0 = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]])
+    ref1 = ref0 + 5.0
+    new0 = np.array([[10.4, 9.7], [20.0, 20.0], [30.0, 30.0], [99.0, 99.0]])
+    new1 = np.array([[15.3, 15.9], [26.5, 25.0], [35.0, 35.0], [45.0, 45.0]])
+    # match 0: both within 1 px; match 1: image1 point 1.5 px off; match 2: exact; match 3: image0 point far
+    assert bench.matches_kept(ref0, ref1, new0, new1, tol=1.0) == pytest.approx(0.5)
+    assert bench.matches_kept(ref0, ref1, new0, new1, tol=2.0) == pytest.approx(0.75)
+    assert bench.matches_kept(ref0[:0], ref1[:0], new0, new1) == 1.0
+    assert bench.matches_kept(ref0, ref1, new0[:0], new1[:0]) == 0.0
+
+
+def test_check_target_and_flop_count_of_a_known_matmul(bench):
+    assert bench.check_target(0.2, "<=", 1 / 3) == "met"
+    assert bench.check_target(2.0, "<=", 1 / 3) == "not met"
+    assert bench.check_target(12.0, ">=", 10.0) == "met"
+    assert bench.check_target(None, ">=", 10.0) == "n/a"
+    assert bench.check_target(float("nan"), ">=", 10.0) == "n/a"
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    with FlopCounterMode(display=False) as counter:
+        a @ b
+    assert counter.get_total_flops() == 2 * 3 * 5 * 7  # what section_flops relies on
+
+
+def test_ratios_from_results(bench):
+    results = {
+        "e2e": {"time_ratio": 1.5},
+        "attention": {"rows": [
+            {"tokens": 4800, "quadtree_s": 1.0, "quadtree_peak_mb": 10.0, "speedup": 3.0},
+            {"tokens": 19200, "quadtree_s": 4.0, "quadtree_peak_mb": 50.0, "speedup": 12.0},
+            {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0},
+        ]},
+        "memory": {"peak_mb": 2048.0},
+        "agreement": {"kept_within_1px": 0.97},
+    }
+    r = bench.ratios_of(results)
+    assert r["e2e_time_ratio"] == 1.5 and r["attention_speedup_19200"] == 12.0
+    assert r["quadtree_time_growth_1"] == 4.0 and r["quadtree_time_growth_2"] == 5.0
+    assert r["quadtree_memory_growth_1"] == 5.0 and r["quadtree_memory_growth_2"] == 2.0
+    assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97
+
+
+def test_quick_run_writes_json_and_table(bench, tmp_path):
+    sections = "e2e,agreement,attention,memory,flops"
+    assert bench.main(["--quick", "--out", str(tmp_path), "--sections", sections]) == 0
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    assert results["quick"] and results["machine"]["threads"] >= 1
+    assert all(v > 0 for v in results["matmul_gflops"].values())
+    e2e = results["e2e"]["seconds"]
+    assert {"ours_fp32", "kornia_loftr_fp32"} <= set(e2e) and all(v > 0 for v in e2e.values())
+    rows = results["attention"]["rows"]
+    assert [r["tokens"] for r in rows] == [64, 256, 1024]
+    assert all(r["quadtree_s"] > 0 and r["quadtree_peak_mb"] is not None for r in rows)
+    assert results["memory"].get("peak_mb", 0) > 0, results["memory"]
+    flops = {r["stage"]: r["gflop"] for r in results["flops"]["rows"]}
+    assert flops["backbone"] > flops["loftr_coarse"] > 0
+    assert math.isclose(sum(flops.values()), results["flops"]["total_gflop"], rel_tol=1e-6)
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| target | value | bound | status |" in md and "## Attention layer" in md
+
+
+def test_chunked_sdpa_equals_one_call(bench, monkeypatch):
+    monkeypatch.setattr(bench, "SDPA_CHUNK_BYTES", 4 * 2 * 3 * 50 * 7)  # chunks of 7 queries, last one shorter
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (40, 50, 50))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(bench.chunked_sdpa(q, k, v), expected, atol=1e-6, rtol=1e-5)

@@ -136,7 +136,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         x0, x1 = sample_pair(tuple(spec["hw"]), device)
         fn = lambda: run_pair(model, x0, x1)  # noqa: E731
     else:
-        layer, inputs = attention_layer(spec["model"], tuple(spec["grid"]), device)
+        layer, inputs = attention_layer(tuple(spec["grid"]), device)
         fn = lambda: attention_forward(layer, spec["model"], tuple(spec["grid"]), *inputs)  # noqa: E731
     before = resident_mb()
     if device.startswith("cuda"):
@@ -183,9 +183,10 @@ def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def attention_layer(kind: str, grid: tuple[int, int], device: str, dim: int = 256, nhead: int = 8):
+def attention_layer(grid: tuple[int, int], device: str, dim: int = 256, nhead: int = 8):
     """The QuadTree-B attention layer of ``quadtree_b_indoor`` (q/k/v projections, pyramids, top-k 32/16/16,
-    output projection) or the same projections around exact softmax attention (SDPA), with inputs."""
+    output projection) and random inputs; :func:`attention_forward` runs it or its projections around exact
+    softmax attention (SDPA)."""
     from matcher.transformer import QuadtreeAttention
 
     torch.manual_seed(0)
@@ -229,7 +230,7 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
     sdpa_estimate = None
     for grid in grids:
         n = grid[0] * grid[1]
-        qt_layer, qt_in = attention_layer("quadtree", grid, device)
+        qt_layer, qt_in = attention_layer(grid, device)
         fns = {"quadtree": lambda: attention_forward(qt_layer, "quadtree", grid, *qt_in)}
         run_sdpa = sdpa_estimate is None or sdpa_estimate * (repeats + 1) <= sdpa_budget_s
         if run_sdpa:

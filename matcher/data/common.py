@@ -90,6 +90,14 @@ class SkipCorrupt:
     max_skip: int = 10
     skipped: int = 0
 
+    def _set_mode(self, mode: str, load_depth: bool | None, skip_corrupt: bool | None, max_skip: int) -> None:
+        """Scene datasets' mode and its defaults: depth is read and corrupt pairs skipped except in test mode
+        (each overridable); the ``skipped`` counter starts at 0."""
+        self.mode = check_mode(mode)
+        self.load_depth = mode != "test" if load_depth is None else bool(load_depth)
+        self.skip_corrupt = mode != "test" if skip_corrupt is None else bool(skip_corrupt)
+        self.max_skip, self.skipped = int(max_skip), 0
+
     def _load(self, index: int) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import CorruptFileError, SkipCorrupt, check_mode, pad_bottom_right, read_gray_uint8, require_file, to_unit_float
+from .common import CorruptFileError, SkipCorrupt, pad_bottom_right, read_gray_uint8, require_file, to_unit_float
 
 #: Depth maps are padded to this square by default (LoFTR's upper bound of MegaDepth image sides).
 DEPTH_PAD_SIZE = 2000
@@ -133,16 +133,13 @@ class MegaDepthDataset(SkipCorrupt, Dataset):
         max_skip: int = 10,
     ) -> None:
         self.root_dir = Path(root_dir)
-        self.mode = check_mode(mode)
+        self._set_mode(mode, load_depth, skip_corrupt, max_skip)
         self.img_resize = None if img_resize is None else int(img_resize)
         self.df = int(df) if df else None
         self.img_padding = bool(img_padding)
         if depth_padding is True:
             depth_padding = DEPTH_PAD_SIZE
         self.depth_pad = int(depth_padding) if depth_padding else None
-        self.load_depth = mode != "test" if load_depth is None else bool(load_depth)
-        self.skip_corrupt = mode != "test" if skip_corrupt is None else bool(skip_corrupt)
-        self.max_skip, self.skipped = int(max_skip), 0
         self.scene_info_path = Path(scene_info_path)
         info = load_scene_info(self.scene_info_path)
         self.scene_id = self.scene_info_path.stem

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import CorruptFileError, SkipCorrupt, check_mode, load_npz_arrays, read_gray_uint8, require_file, to_unit_float
+from .common import CorruptFileError, SkipCorrupt, load_npz_arrays, read_gray_uint8, require_file, to_unit_float
 
 
 def scene_name(scene: int, sub: int) -> str:
@@ -104,12 +104,9 @@ class ScanNetDataset(SkipCorrupt, Dataset):
         max_skip: int = 10,
     ) -> None:
         self.root_dir = Path(root_dir)
-        self.mode = check_mode(mode)
+        self._set_mode(mode, load_depth, skip_corrupt, max_skip)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.intrinsics_size = (int(intrinsics_size[0]), int(intrinsics_size[1]))
-        self.load_depth = mode != "test" if load_depth is None else bool(load_depth)
-        self.skip_corrupt = mode != "test" if skip_corrupt is None else bool(skip_corrupt)
-        self.max_skip, self.skipped = int(max_skip), 0
         self.npz_path = Path(npz_path)
         data = load_npz_arrays(self.npz_path, "ScanNet index", ("name", "score"))
         if "name" not in data:

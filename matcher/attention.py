@@ -9,10 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: The four children of a coarse cell (dy, dx), in the order the parent-grouped tensors use.
-CHILD_OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))
-
-
 def _neg_fill(dtype: torch.dtype) -> float:
     """Finite stand-in for -inf: a fully masked row still gets a (uniform) softmax instead of NaN."""
     return torch.finfo(dtype).min
@@ -74,20 +70,6 @@ def pool_levels(
     return maps, masks
 
 
-def _split_heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
-    """``(B, C, h, w)`` -> ``(B, nhead, h * w, C / nhead)``."""
-    b, c, h, w = x.shape
-    return x.reshape(b, nhead, c // nhead, h * w).transpose(2, 3)
-
-
-def _group_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``(B, H, h * w, ...)`` in grid order -> ``(B, H, h/2 * w/2, 4, ...)`` grouped by 2x2 parent."""
-    b, nh = x.shape[:2]
-    rest = x.shape[3:]
-    x = x.reshape(b, nh, h // 2, 2, w // 2, 2, *rest).transpose(3, 4)
-    return x.reshape(b, nh, (h // 2) * (w // 2), 4, *rest)
-
-
 def _ungroup_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`_group_children`: ``(B, H, h/2 * w/2, 4, ...)`` -> ``(B, H, h * w, ...)``."""
     b, nh = x.shape[:2]
@@ -96,15 +78,16 @@ def _ungroup_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, nh, h * w, *rest)
 
 
-def _child_indices(parent_idx: torch.Tensor, parent_width: int) -> torch.Tensor:
-    """Flat indices in the finer key grid of the 4 children of each parent key.
+#: Bytes of gathered keys (or coarsest-level scores) per chunk of queries. Working in chunks of this size
+#: keeps the temporaries in cache and in reused heap memory; one big gather per level would be written
+#: to fresh pages and run several times slower on CPU.
+CHUNK_BYTES = 4 << 20
 
-    ``(..., K)`` indices into a grid of width ``parent_width`` -> ``(..., 4K)`` ordered [key][child].
-    """
-    py, px = parent_idx // parent_width, parent_idx % parent_width
-    width = 2 * parent_width
-    children = [(2 * py + dy) * width + (2 * px + dx) for dy, dx in CHILD_OFFSETS]
-    return torch.stack(children, dim=-1).flatten(-2)
+
+def _chunks(total: int, bytes_per_item: int) -> list[slice]:
+    """Slices covering ``range(total)``, each about :data:`CHUNK_BYTES` bytes of ``bytes_per_item``."""
+    size = max(1, CHUNK_BYTES // max(1, bytes_per_item))
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def _gather_blocks(blocks: torch.Tensor, parent_idx: torch.Tensor) -> torch.Tensor:
@@ -118,6 +101,119 @@ def _gather_blocks(blocks: torch.Tensor, parent_idx: torch.Tensor) -> torch.Tens
     offsets = torch.arange(b * nh, device=parent_idx.device).view(b, nh, 1, 1) * m
     rows = blocks.reshape(b * nh * m, four * d).index_select(0, (parent_idx + offsets).reshape(-1))
     return rows.view(b, nh, p, k * four, d)
+
+
+def _child_table(parent_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(h * w * 4,)``: entry ``4 * parent + c`` is the flat index, in the grid twice as fine, of child ``c``
+    (row-major: (0, 0), (0, 1), (1, 0), (1, 1)) of cell ``parent`` of an ``(h, w)`` grid."""
+    h, w = parent_hw
+    fine = torch.arange(4 * h * w, device=device).view(h, 2, w, 2)
+    return fine.transpose(1, 2).reshape(-1)
+
+
+def _selected_children(parent_idx: torch.Tensor, positions: torch.Tensor, child_table: torch.Tensor) -> torch.Tensor:
+    """Flat indices in the finer key grid of selected candidates.
+
+    ``parent_idx (B, H, P, K)``: parent keys; ``positions (B, H, P, c, K')``: candidate positions in
+    ``[0, 4K)`` ordered [key][child]; ``child_table`` from :func:`_child_table` -> ``(B, H, P, c, K')``.
+    """
+    slot, child = positions // 4, positions % 4  # (bit operations would not export to ONNX)
+    parent = torch.gather(parent_idx[:, :, :, None, :].expand(-1, -1, -1, positions.shape[3], -1), -1, slot)
+    return child_table[parent * 4 + child]
+
+
+def _grid_to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, h, w, ...)`` (any strides) -> ``(B, H, h/2 * w/2, 4, ...)`` grouped by 2x2 parent, one copy."""
+    b, nh, h, w = x.shape[:4]
+    rest = x.shape[4:]
+    x = x.reshape(b, nh, h // 2, 2, w // 2, 2, *rest).transpose(3, 4)
+    return x.reshape(b, nh, (h // 2) * (w // 2), 4, *rest)
+
+
+def _refine_chunk(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, scale, variant):
+    """Attention weights of one chunk of parents over the children of their selected keys.
+
+    ``qc (B, H, p, 4, D)``, blocks ``(B, H, M, 4, ...)``, ``parent_idx (B, H, p, K)``, ``parent_scores
+    (B, H, p, 1, K)`` (variant A) -> weights ``(B, H, p, 4, 4K)`` and gathered values ``(B, H, p, 4K, D)``.
+    """
+    logits = torch.matmul(qc, _gather_blocks(k_blocks, parent_idx).transpose(-1, -2)) * scale
+    if valid_blocks is not None:
+        valid = _gather_blocks(valid_blocks, parent_idx)[..., 0]  # (B, H, p, 4K)
+        logits = logits.masked_fill(~valid[:, :, :, None, :], _neg_fill(logits.dtype))
+    if variant == "B":
+        attn = torch.softmax(logits, dim=-1)
+    else:  # softmax over the 4 children of each selected key, times that key's score
+        attn = torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * parent_scores[..., None]
+        attn = attn.flatten(-2)
+    return attn, _gather_blocks(v_blocks, parent_idx)
+
+
+def _select_and_message(attn, values, topk: int, variant: str, select: bool):
+    """Top-k of the weights (for the next level) and the message they carry.
+
+    ``attn (..., c, n)``, ``values (..., n, D)`` -> message ``(..., c, D)`` and, when ``select``, the
+    positions and weights of the top-k candidates ``(..., c, K)`` (else None). Variant A removes the
+    selected candidates from this level's message: they are refined at the next level instead.
+    """
+    top_scores = top_pos = None
+    if select:
+        top_scores, top_pos = torch.topk(attn, min(topk, attn.shape[-1]), dim=-1)
+        if variant == "A":
+            attn = attn.scatter(-1, top_pos, 0.0)
+    return torch.matmul(attn, values), top_pos, top_scores
+
+
+def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, select: bool):
+    """Full softmax attention over the coarsest keys, in query chunks (no whole score matrix).
+
+    ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``kmask (B, Nk) | None`` -> message ``(B, H, Nq, D)``,
+    selected key indices and weights ``(B, H, Nq, K)`` (None unless ``select``).
+    """
+    b, nh, nq, _ = q.shape
+    kt = k.transpose(-1, -2)
+    parts = []
+    for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size()):
+        logits = torch.matmul(q[:, :, rows], kt) * scale
+        if kmask is not None:
+            logits = logits.masked_fill(~kmask[:, None, None, :], _neg_fill(logits.dtype))
+        parts.append(_select_and_message(torch.softmax(logits, dim=-1), v, topk, variant, select))
+    return _concat_parts(parts, dim=2)
+
+
+def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, child_table: torch.Tensor,
+                  topk: int, scale: float, variant: str, select: bool):
+    """One finer level in chunks of parents: attention over the children of the keys each parent selected.
+
+    ``qc (B, H, P, 4, D)`` queries grouped by parent, ``k_blocks, v_blocks (B, H, M, 4, D)`` and
+    ``valid_blocks (B, H, M, 4, 1) | None`` keys grouped by parent key, ``parent_idx (B, H, P, K)`` into the
+    parent key grid, ``parent_scores (B, H, P, K) | None`` (variant A), ``child_table`` of the parent key
+    grid (:func:`_child_table`) ->
+    message ``(B, H, P, 4, D)``, selected key indices (this level's grid) and weights ``(B, H, P, 4, K')``.
+    """
+    b, nh, num_parents, _, d = qc.shape
+    per_parent = b * nh * 4 * parent_idx.shape[-1] * d * qc.element_size()
+    parts = []
+    for sl in _chunks(num_parents, per_parent):
+        idx = parent_idx[:, :, sl]
+        logits = torch.matmul(qc[:, :, sl], _gather_blocks(k_blocks, idx).transpose(-1, -2)) * scale
+        if valid_blocks is not None:
+            valid = _gather_blocks(valid_blocks, idx)[..., 0]  # (B, H, p, 4K)
+            logits = logits.masked_fill(~valid[:, :, :, None, :], _neg_fill(logits.dtype))
+        if variant == "B":
+            attn = torch.softmax(logits, dim=-1)
+        else:  # softmax over the 4 children of each selected key, times that key's score
+            weights = parent_scores[:, :, sl, None, :, None]
+            attn = (torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * weights).flatten(-2)
+        msg, top_pos, top_scores = _select_and_message(attn, _gather_blocks(v_blocks, idx), topk, variant, select)
+        chosen = None if top_pos is None else _selected_children(idx, top_pos, child_table)
+        parts.append((msg, chosen, top_scores))
+    return _concat_parts(parts, dim=2)
+
+
+def _concat_parts(parts, dim: int):
+    """Concatenate per-chunk tuples field by field (None fields stay None)."""
+    fields = zip(*parts)
+    return tuple(None if f[0] is None else (f[0] if len(f) == 1 else torch.cat(f, dim)) for f in fields)
 
 
 def quadtree_attention(
@@ -137,11 +233,12 @@ def quadtree_attention(
     mixes the level messages with ``softmax(level_weights)`` (coarsest first) and lets every query pick its
     own top-k for the next level. Variant A softmaxes over the 4 children of each selected key times that
     key's score, removes the selected keys from the coarser messages and sums the messages, so a query's
-    weights over all levels add up to 1. Only the coarsest level builds an (N x N) score matrix.
+    weights over all levels add up to 1. No level builds a whole (N x N) score matrix: the coarsest level
+    runs in query chunks, the finer ones in chunks of parents (:data:`CHUNK_BYTES` each).
 
     Args:
         queries, keys, values: per level, finest first, ``(B, nhead, h_l, w_l, D)`` (query and key grids
-            may differ in size); each level halves both sides of the previous one.
+            may differ in size; any strides); each level halves both sides of the previous one.
         topks: keys kept per query at each level, coarsest first (the finest entry is used by A only
             when it is not the finest level, and never by B).
         variant: "A" or "B".
@@ -165,58 +262,34 @@ def quadtree_attention(
         mix = torch.softmax(level_weights.to(torch.promote_types(level_weights.dtype, torch.float32)), 0)
         mix = mix.to(queries[0].dtype)
 
-    message, scores, idx, selections = None, None, None, []
+    message, idx, scores, selections = None, None, None, []
     for step, level in enumerate(reversed(range(num_levels))):  # coarsest first
         q, k, v, kmask = queries[level], keys[level], values[level], key_masks[level]
         b, nh, hq, wq, d = q.shape
         hk, wk = k.shape[2:4]
-        is_finest = level == 0
-        topk = topks[min(step, len(topks) - 1)]
-        if step == 0:  # full attention over the coarsest keys, in grid order (P = Nq, one "child")
-            q, k, v = q.reshape(b, nh, hq * wq, 1, d), k.reshape(b, nh, hk * wk, d), v.reshape(b, nh, hk * wk, d)
-            logits = torch.einsum("bhpcd,bhkd->bhpck", q, k) * scale
-            if kmask is not None:
-                logits = logits.masked_fill(~kmask.reshape(b, 1, 1, 1, hk * wk), _neg_fill(logits.dtype))
-            attn = torch.softmax(logits, dim=-1)  # (B, H, Nq, 1, Nk)
-            cand, vals = None, v
-        else:  # parent-grouped: P parent queries, 4 children each, 4K candidate keys per parent
-            qc = _group_children(q.reshape(b, nh, hq * wq, d), hq, wq)  # (B, H, P, 4, D)
-            cand = _child_indices(idx, wk // 2)  # (B, H, P, 4K)
-            k_blocks = _group_children(k.reshape(b, nh, hk * wk, d), hk, wk)  # (B, H, Mk', 4, D)
-            logits = torch.einsum("bhpcd,bhpkd->bhpck", qc, _gather_blocks(k_blocks, idx)) * scale
-            if kmask is not None:
-                m_blocks = _group_children(kmask.reshape(b, 1, hk * wk, 1).expand(-1, nh, -1, -1), hk, wk)
-                cmask = _gather_blocks(m_blocks, idx)[..., 0]  # (B, H, P, 4K)
-                logits = logits.masked_fill(~cmask[:, :, :, None, :], _neg_fill(logits.dtype))
-            if variant == "B":
-                attn = torch.softmax(logits, dim=-1)
-            else:  # softmax over the 4 children of each selected key, times that key's score
-                kp = cand.shape[-1] // 4
-                attn = torch.softmax(logits.unflatten(-1, (kp, 4)), dim=-1) * scores[..., None]
-                attn = attn.flatten(-2)
-            vals = _gather_blocks(_group_children(v.reshape(b, nh, hk * wk, d), hk, wk), idx)
-        if not is_finest:
-            top_scores, top_pos = torch.topk(attn, min(topk, attn.shape[-1]), dim=-1)  # (B, H, P, c, K)
-            if cand is None:
-                new_idx = top_pos
-            else:
-                new_idx = torch.gather(cand[:, :, :, None, :].expand(-1, -1, -1, 4, -1), -1, top_pos)
-            if variant == "A":
-                attn = attn.scatter(-1, top_pos, 0.0)  # the selected keys are refined at the next level
-        if cand is None:
-            level_msg = torch.einsum("bhpck,bhkd->bhpcd", attn, vals)
+        topk, select = topks[min(step, len(topks) - 1)], level > 0
+        if step == 0:
+            flat = lambda t: t.reshape(b, nh, -1, d)  # noqa: E731
+            kvalid = None if kmask is None else kmask.reshape(b, hk * wk)
+            message, idx, scores = _coarsest_level(flat(q), flat(k), flat(v), kvalid, topk, scale, variant, select)
+            if mix is not None:
+                message = message * mix[0]
         else:
-            level_msg = torch.einsum("bhpck,bhpkd->bhpcd", attn, vals)
-        if variant == "B":
-            level_msg = level_msg * mix[step]
-        if message is not None:  # a parent's message is copied to its 4 children
-            level_msg = level_msg + message[:, :, :, None, :]
-        # back to this level's grid order: these queries are the parents of the next level
-        to_grid = (lambda t: t.reshape(b, nh, hq * wq, t.shape[-1])) if cand is None else (lambda t: _ungroup_children(t, hq, wq))
-        message = to_grid(level_msg)
-        if not is_finest:
-            idx = to_grid(new_idx)
-            scores = to_grid(top_scores)[:, :, :, None, :] if variant == "A" else None
+            valid_blocks = None
+            if kmask is not None:
+                valid_blocks = _grid_to_blocks(kmask[:, None, :, :, None].expand(-1, nh, -1, -1, -1))
+            msg, idx, scores = _refine_level(
+                _grid_to_blocks(q), _grid_to_blocks(k), _grid_to_blocks(v), valid_blocks, idx, scores,
+                _child_table((hk // 2, wk // 2), q.device), topk, scale, variant, select,
+            )
+            if mix is not None:
+                msg = msg * mix[step]
+            # a parent's message is copied to its 4 children; back to this level's grid order, where
+            # these queries are the parents of the next level
+            message = _ungroup_children(msg + message[:, :, :, None, :], hq, wq)
+            if select:
+                idx, scores = _ungroup_children(idx, hq, wq), _ungroup_children(scores, hq, wq)
+        if select:
             selections.append(idx)
     if return_selection:
         return message, selections

@@ -11,13 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import _split_heads, full_attention, linear_attention, pool_levels, quadtree_attention
+from .attention import full_attention, linear_attention, pool_levels, quadtree_attention
 
 
 def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
     """``(B, N, C)`` -> ``(B, nhead, N, C / nhead)``."""
     b, n, c = x.shape
     return x.view(b, n, nhead, c // nhead).transpose(1, 2)
+
+
+def _channels_last_grid(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Tokens ``(B, h * w, C)`` as a ``(B, C, h, w)`` view in channels-last memory order (no copy)."""
+    return x.unflatten(1, hw).permute(0, 3, 1, 2)
+
+
+def _grid_heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
+    """``(B, C, h, w)`` -> ``(B, nhead, h, w, C / nhead)`` (a view for channels-last input)."""
+    return x.permute(0, 2, 3, 1).unflatten(-1, (nhead, -1)).permute(0, 3, 1, 2, 4)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +71,9 @@ class DepthwiseConv(nn.Module):
         b, n, c = x.shape
         if mask is not None:  # padded tokens read as zeros, like the border of an unpadded grid
             x = x * mask[..., None].to(x.dtype)
-        grid = x.transpose(1, 2).reshape(b, c, *hw)
-        return self.dwconv(grid).flatten(2).transpose(1, 2)
+        # tokens viewed as a channels-last grid: no transposed copies (they cost more than the conv itself)
+        out = self.dwconv(_channels_last_grid(x, hw))
+        return out.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class QuadtreeMLP(nn.Module):
@@ -75,7 +86,7 @@ class QuadtreeMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
-        return self.fc2(F.gelu(self.dwconv(F.relu(self.fc1(x)), hw, mask)))
+        return self.fc2(F.gelu(self.dwconv(F.relu(self.fc1(x), inplace=True), hw, mask)))
 
 
 class LevelMixture(nn.Module):
@@ -109,14 +120,13 @@ class QuadtreeAttention(nn.Module):
         source_mask: torch.Tensor | None = None,
         return_selection: bool = False,
     ):
-        grid_x = x.transpose(1, 2).reshape(x.shape[0], -1, *hw)
-        grid_s = source.transpose(1, 2).reshape(source.shape[0], -1, *source_hw)
+        project = lambda conv, t, t_hw: _channels_last_grid(F.linear(t, conv.weight.flatten(1)), t_hw)  # noqa: E731
         mask_x = None if x_mask is None else x_mask.reshape(-1, *hw)
         mask_s = None if source_mask is None else source_mask.reshape(-1, *source_hw)
-        qs, _ = pool_levels(self.q_proj(grid_x), self.num_levels, mask_x)
-        ks, kmasks = pool_levels(self.k_proj(grid_s), self.num_levels, mask_s)
-        vs, _ = pool_levels(self.v_proj(grid_s), self.num_levels, mask_s)
-        to_heads = lambda maps: [_split_heads(m, self.nhead).unflatten(2, m.shape[2:]) for m in maps]  # noqa: E731
+        qs, _ = pool_levels(project(self.q_proj, x, hw), self.num_levels, mask_x)
+        ks, kmasks = pool_levels(project(self.k_proj, source, source_hw), self.num_levels, mask_s)
+        vs, _ = pool_levels(project(self.v_proj, source, source_hw), self.num_levels, mask_s)
+        to_heads = lambda maps: [_grid_heads(m, self.nhead) for m in maps]  # noqa: E731
         out = quadtree_attention(
             to_heads(qs), to_heads(ks), to_heads(vs), self.topks, self.variant,
             self.py_att.weight, kmasks, return_selection=return_selection,
@@ -145,7 +155,9 @@ class QuadtreeBlock(nn.Module):
         x_mask: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.norm1(source), hw, source_hw, x_mask, source_mask)
+        normed = self.norm1(x)
+        normed_source = normed if source is x else self.norm1(source)
+        x = x + self.attn(normed, normed_source, hw, source_hw, x_mask, source_mask)
         return x + self.mlp(self.norm2(x), hw, x_mask)
 
 

@@ -112,6 +112,23 @@ def test_quadtree_matches_per_query_reference(variant, hw_q, hw_k, topks, masked
             torch.testing.assert_close(out[bi, h], ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_quadtree_in_chunks_equals_one_piece(variant, monkeypatch):
+    """Tiny chunks (one query row / one parent per chunk) give the same messages and selections."""
+    import matcher.attention as attention
+
+    qs, ks, vs, kmasks = _pyramids(2, 2, 4, (8, 12), (12, 8), 3, seed=11, masked=True)
+    weights = torch.tensor([0.2, 0.1, -0.4], dtype=torch.float64)
+    run = lambda: quadtree_attention(qs, ks, vs, [3, 2, 2], variant, weights, kmasks, return_selection=True)  # noqa: E731
+    whole, whole_sel = run()
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)
+    assert len(attention._chunks(10, 8)) == 10
+    chunked, chunked_sel = run()
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(chunked_sel, whole_sel):
+        assert torch.equal(a, b)
+
+
 def test_quadtree_b_with_all_keys_is_mixture_of_exact_attention():
     """With top-k covering every key, each level of B is exact softmax attention at that level."""
     qs, ks, vs, _ = _pyramids(1, 2, 8, (8, 8), (8, 8), 3, seed=3)

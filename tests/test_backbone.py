@@ -1,0 +1,79 @@
+"""The backbone's eval-mode fast path (batch norm folded into convolutions, channels-last activations)
+against the modules run one by one as the published code runs them."""
+
+from __future__ import annotations
+
+import torch
+
+from matcher.backbone import BasicBlock, ResNetFPN, _fpn_merge, conv_bn
+
+
+def _plain_block(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
+    y = block.relu(block.bn1(block.conv1(x)))
+    y = block.bn2(block.conv2(y))
+    return block.relu((x if block.downsample is None else block.downsample(x)) + y)
+
+
+def _plain_forward(net: ResNetFPN, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = net.relu(net.bn1(net.conv1(image)))
+    x1 = x
+    for block in net.layer1:
+        x1 = _plain_block(block, x1)
+    x2 = x1
+    for block in net.layer2:
+        x2 = _plain_block(block, x2)
+    x3 = x2
+    for block in net.layer3:
+        x3 = _plain_block(block, x3)
+    coarse = net.layer3_outconv(x3)
+    x2_out = net.layer2_outconv2(_fpn_merge(net.layer2_outconv(x2), coarse))
+    return coarse, net.layer1_outconv2(_fpn_merge(net.layer1_outconv(x1), x2_out))
+
+
+def _random_backbone(seed: int = 0) -> ResNetFPN:
+    torch.manual_seed(seed)
+    net = ResNetFPN(8, [8, 12, 16])
+    for m in net.modules():  # non-trivial statistics, so folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.01, 3.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.5)
+    return net
+
+
+def test_eval_fast_path_equals_plain_modules():
+    net = _random_backbone().eval().double()
+    image = torch.rand(2, 1, 37, 52, dtype=torch.float64)  # sides not multiples of 8
+    with torch.no_grad():
+        fast = net(image)
+        plain = _plain_forward(net, image)
+    for a, b in zip(fast, plain):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_training_mode_uses_batch_statistics_and_gradients_flow():
+    net = _random_backbone(1).train()
+    image = torch.rand(2, 1, 32, 32)
+    before = net.bn1.running_mean.clone()
+    coarse, fine = net(image)
+    plain_net = _random_backbone(1).train()
+    ref_coarse, ref_fine = _plain_forward(plain_net, image)
+    torch.testing.assert_close(coarse, ref_coarse, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fine, ref_fine, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(net.bn1.running_mean, before)  # running statistics were updated
+    (coarse.square().mean() + fine.square().mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.bn1.weight.grad.abs().sum() > 0 and net.layer1_outconv2[1].weight.grad.abs().sum() > 0
+
+
+def test_folded_conv_bn_is_the_affine_map():
+    """A known answer: conv with weight 1 on a constant image, BN with mean 1, var 4, gamma 2, beta 3."""
+    conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+    bn = torch.nn.BatchNorm2d(1, eps=0.0).eval()
+    conv.weight.data.fill_(1.0)
+    bn.running_mean.fill_(1.0), bn.running_var.fill_(4.0), bn.weight.data.fill_(2.0), bn.bias.data.fill_(3.0)
+    out = conv_bn(torch.full((1, 1, 2, 2), 5.0), conv, bn)
+    torch.testing.assert_close(out, torch.full((1, 1, 2, 2), (5.0 - 1.0) / 2.0 * 2.0 + 3.0))

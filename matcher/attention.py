@@ -90,17 +90,16 @@ def _chunks(total: int, bytes_per_item: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def _gather_blocks(blocks: torch.Tensor, parent_idx: torch.Tensor) -> torch.Tensor:
-    """Rows of per-head blocks at per-head indices.
+def _block_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """``(B, H, M, 4, E)`` -> a ``(B * H * M, 4 * E)`` table: row ``(b * H + h) * M + m`` holds the 4 children
+    of parent key ``m`` of head ``h``."""
+    return blocks.reshape(-1, blocks.shape[-2] * blocks.shape[-1])
 
-    ``blocks (B, H, M, 4, D)`` (the 4 children of every parent key), ``parent_idx (B, H, P, K)`` ->
-    ``(B, H, P, 4K, D)`` ordered [key][child]. One contiguous 4*D row is copied per selected key.
-    """
-    b, nh, m, four, d = blocks.shape
-    _, _, p, k = parent_idx.shape
-    offsets = torch.arange(b * nh, device=parent_idx.device).view(b, nh, 1, 1) * m
-    rows = blocks.reshape(b * nh * m, four * d).index_select(0, (parent_idx + offsets).reshape(-1))
-    return rows.view(b, nh, p, k * four, d)
+
+def _gather_rows(table: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``table (R, 4 * E)`` at ``rows (p, K)`` -> ``(p, 4K, E)`` ordered [key][child]."""
+    p, k = rows.shape
+    return table.index_select(0, rows.reshape(-1)).view(p, 4 * k, width)
 
 
 def _child_table(parent_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -114,11 +113,12 @@ def _child_table(parent_hw: tuple[int, int], device: torch.device) -> torch.Tens
 def _selected_children(parent_idx: torch.Tensor, positions: torch.Tensor, child_table: torch.Tensor) -> torch.Tensor:
     """Flat indices in the finer key grid of selected candidates.
 
-    ``parent_idx (B, H, P, K)``: parent keys; ``positions (B, H, P, c, K')``: candidate positions in
-    ``[0, 4K)`` ordered [key][child]; ``child_table`` from :func:`_child_table` -> ``(B, H, P, c, K')``.
+    ``parent_idx (..., P, K)``: parent keys; ``positions (..., P, c, K')``: candidate positions in
+    ``[0, 4K)`` ordered [key][child]; ``child_table`` from :func:`_child_table` -> ``(..., P, c, K')``.
     """
     slot, child = positions // 4, positions % 4  # (bit operations would not export to ONNX)
-    parent = torch.gather(parent_idx[:, :, :, None, :].expand(-1, -1, -1, positions.shape[3], -1), -1, slot)
+    parent_idx = parent_idx.unsqueeze(-2).expand(*positions.shape[:-1], parent_idx.shape[-1])
+    parent = torch.gather(parent_idx, -1, slot)
     return child_table[parent * 4 + child]
 
 
@@ -128,24 +128,6 @@ def _grid_to_blocks(x: torch.Tensor) -> torch.Tensor:
     rest = x.shape[4:]
     x = x.reshape(b, nh, h // 2, 2, w // 2, 2, *rest).transpose(3, 4)
     return x.reshape(b, nh, (h // 2) * (w // 2), 4, *rest)
-
-
-def _refine_chunk(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, scale, variant):
-    """Attention weights of one chunk of parents over the children of their selected keys.
-
-    ``qc (B, H, p, 4, D)``, blocks ``(B, H, M, 4, ...)``, ``parent_idx (B, H, p, K)``, ``parent_scores
-    (B, H, p, 1, K)`` (variant A) -> weights ``(B, H, p, 4, 4K)`` and gathered values ``(B, H, p, 4K, D)``.
-    """
-    logits = torch.matmul(qc, _gather_blocks(k_blocks, parent_idx).transpose(-1, -2)) * scale
-    if valid_blocks is not None:
-        valid = _gather_blocks(valid_blocks, parent_idx)[..., 0]  # (B, H, p, 4K)
-        logits = logits.masked_fill(~valid[:, :, :, None, :], _neg_fill(logits.dtype))
-    if variant == "B":
-        attn = torch.softmax(logits, dim=-1)
-    else:  # softmax over the 4 children of each selected key, times that key's score
-        attn = torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * parent_scores[..., None]
-        attn = attn.flatten(-2)
-    return attn, _gather_blocks(v_blocks, parent_idx)
 
 
 def _select_and_message(attn, values, topk: int, variant: str, select: bool):
@@ -189,25 +171,34 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     parent key grid, ``parent_scores (B, H, P, K) | None`` (variant A), ``child_table`` of the parent key
     grid (:func:`_child_table`) ->
     message ``(B, H, P, 4, D)``, selected key indices (this level's grid) and weights ``(B, H, P, 4, K')``.
+
+    Chunks run head by head (the flattened (B, H, P) order), so each one reads one head's key table:
+    a quarter of the cache footprint of chunks that span all heads.
     """
     b, nh, num_parents, _, d = qc.shape
-    per_parent = b * nh * 4 * parent_idx.shape[-1] * d * qc.element_size()
+    m, k = k_blocks.shape[2], parent_idx.shape[-1]
+    heads = torch.arange(b * nh, device=parent_idx.device).view(b, nh, 1, 1)
+    local_idx = parent_idx.reshape(-1, k)
+    table_idx = (parent_idx + heads * m).reshape(-1, k)  # rows of the (B * H * M) tables
+    queries, scores = qc.reshape(-1, 4, d), None if parent_scores is None else parent_scores.reshape(-1, k)
+    k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
+    valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
     parts = []
-    for sl in _chunks(num_parents, per_parent):
-        idx = parent_idx[:, :, sl]
-        logits = torch.matmul(qc[:, :, sl], _gather_blocks(k_blocks, idx).transpose(-1, -2)) * scale
-        if valid_blocks is not None:
-            valid = _gather_blocks(valid_blocks, idx)[..., 0]  # (B, H, p, 4K)
-            logits = logits.masked_fill(~valid[:, :, :, None, :], _neg_fill(logits.dtype))
+    for sl in _chunks(local_idx.shape[0], 4 * k * d * qc.element_size()):
+        rows = table_idx[sl]
+        logits = torch.matmul(queries[sl], _gather_rows(k_table, rows, d).transpose(-1, -2)) * scale
+        if valid_table is not None:
+            valid = _gather_rows(valid_table, rows, 1)[..., 0]  # (p, 4K)
+            logits = logits.masked_fill(~valid[:, None, :], _neg_fill(logits.dtype))
         if variant == "B":
             attn = torch.softmax(logits, dim=-1)
         else:  # softmax over the 4 children of each selected key, times that key's score
-            weights = parent_scores[:, :, sl, None, :, None]
-            attn = (torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * weights).flatten(-2)
-        msg, top_pos, top_scores = _select_and_message(attn, _gather_blocks(v_blocks, idx), topk, variant, select)
-        chosen = None if top_pos is None else _selected_children(idx, top_pos, child_table)
+            attn = (torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * scores[sl, None, :, None]).flatten(-2)
+        msg, top_pos, top_scores = _select_and_message(attn, _gather_rows(v_table, rows, d), topk, variant, select)
+        chosen = None if top_pos is None else _selected_children(local_idx[sl], top_pos, child_table)
         parts.append((msg, chosen, top_scores))
-    return _concat_parts(parts, dim=2)
+    unflat = lambda t: None if t is None else t.view(b, nh, num_parents, *t.shape[1:])  # noqa: E731
+    return tuple(unflat(t) for t in _concat_parts(parts, dim=0))
 
 
 def _concat_parts(parts, dim: int):

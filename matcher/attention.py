@@ -71,7 +71,7 @@ def pool_levels(
 
 
 def _ungroup_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`_group_children`: ``(B, H, h/2 * w/2, 4, ...)`` -> ``(B, H, h * w, ...)``."""
+    """Inverse of :func:`_grid_to_blocks` (flattened): ``(B, H, h/2 * w/2, 4, ...)`` -> ``(B, H, h * w, ...)``."""
     b, nh = x.shape[:2]
     rest = x.shape[4:]
     x = x.reshape(b, nh, h // 2, w // 2, 2, 2, *rest).transpose(3, 4)
@@ -172,8 +172,7 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     grid (:func:`_child_table`) ->
     message ``(B, H, P, 4, D)``, selected key indices (this level's grid) and weights ``(B, H, P, 4, K')``.
 
-    Chunks run head by head (the flattened (B, H, P) order), so each one reads one head's key table:
-    a quarter of the cache footprint of chunks that span all heads.
+    Chunks follow the flattened (B, H, P) order, so a chunk reads the key table of one head.
     """
     b, nh, num_parents, _, d = qc.shape
     m, k = k_blocks.shape[2], parent_idx.shape[-1]
@@ -279,7 +278,8 @@ def quadtree_attention(
             # these queries are the parents of the next level
             message = _ungroup_children(msg + message[:, :, :, None, :], hq, wq)
             if select:
-                idx, scores = _ungroup_children(idx, hq, wq), _ungroup_children(scores, hq, wq)
+                idx = _ungroup_children(idx, hq, wq)
+                scores = _ungroup_children(scores, hq, wq) if variant == "A" else None
         if select:
             selections.append(idx)
     if return_selection:

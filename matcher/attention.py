@@ -153,13 +153,13 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
     """
     b, nh, nq, _ = q.shape
     kt = k.transpose(-1, -2)
-    parts = []
+    outputs = _LevelOutputs(nq, dim=2)
     for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size()):
         logits = torch.matmul(q[:, :, rows], kt) * scale
         if kmask is not None:
             logits = logits.masked_fill(~kmask[:, None, None, :], _neg_fill(logits.dtype))
-        parts.append(_select_and_message(torch.softmax(logits, dim=-1), v, topk, variant, select))
-    return _concat_parts(parts, dim=2)
+        outputs.add(_select_and_message(torch.softmax(logits, dim=-1), v, topk, variant, select), rows)
+    return outputs.result()
 
 
 def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, child_table: torch.Tensor,
@@ -182,8 +182,9 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     queries, scores = qc.reshape(-1, 4, d), None if parent_scores is None else parent_scores.reshape(-1, k)
     k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
     valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
-    parts = []
-    for sl in _chunks(local_idx.shape[0], 4 * k * d * qc.element_size()):
+    total = local_idx.shape[0]
+    outputs = _LevelOutputs(total, dim=0)
+    for sl in _chunks(total, 4 * k * d * qc.element_size()):
         rows = table_idx[sl]
         logits = torch.matmul(queries[sl], _gather_rows(k_table, rows, d).transpose(-1, -2)) * scale
         if valid_table is not None:
@@ -195,15 +196,40 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
             attn = (torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * scores[sl, None, :, None]).flatten(-2)
         msg, top_pos, top_scores = _select_and_message(attn, _gather_rows(v_table, rows, d), topk, variant, select)
         chosen = None if top_pos is None else _selected_children(local_idx[sl], top_pos, child_table)
-        parts.append((msg, chosen, top_scores))
-    unflat = lambda t: None if t is None else t.view(b, nh, num_parents, *t.shape[1:])  # noqa: E731
-    return tuple(unflat(t) for t in _concat_parts(parts, dim=0))
+        outputs.add((msg, chosen, top_scores), sl)
+    return tuple(None if t is None else t.view(b, nh, num_parents, *t.shape[1:]) for t in outputs.result())
 
 
-def _concat_parts(parts, dim: int):
-    """Concatenate per-chunk tuples field by field (None fields stay None)."""
-    fields = zip(*parts)
-    return tuple(None if f[0] is None else (f[0] if len(f) == 1 else torch.cat(f, dim)) for f in fields)
+class _LevelOutputs:
+    """Whole-level tensors assembled from per-chunk result tuples (None entries allowed) along ``dim``.
+
+    Chunks are copied into outputs allocated at the first chunk: keeping the pieces and concatenating
+    them at the end lets small long-lived pieces split the freed chunk temporaries in the heap, which
+    made the process grow by gigabytes at 76,800 tokens. Under tracing (ONNX export) the pieces are
+    concatenated instead, since a traced graph does not follow copies into preallocated buffers.
+    """
+
+    def __init__(self, total: int, dim: int) -> None:
+        self.total, self.dim = total, dim
+        self.concatenate = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        self.pieces: list[tuple] = []
+        self.outputs: tuple | None = None
+
+    def add(self, results: tuple, sl: slice) -> None:
+        if self.concatenate:
+            self.pieces.append(results)
+            return
+        if self.outputs is None:
+            d = self.dim
+            self.outputs = tuple(None if r is None else r.new_empty((*r.shape[:d], self.total, *r.shape[d + 1:])) for r in results)
+        for out, r in zip(self.outputs, results):
+            if r is not None:
+                out.narrow(self.dim, sl.start, sl.stop - sl.start).copy_(r)
+
+    def result(self) -> tuple:
+        if not self.concatenate:
+            return self.outputs
+        return tuple(None if f[0] is None else torch.cat(f, self.dim) for f in zip(*self.pieces))
 
 
 def quadtree_attention(

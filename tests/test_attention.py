@@ -124,9 +124,12 @@ def test_quadtree_in_chunks_equals_one_piece(variant, monkeypatch):
     monkeypatch.setattr(attention, "CHUNK_BYTES", 1)
     assert len(attention._chunks(10, 8)) == 10
     chunked, chunked_sel = run()
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
-    for a, b in zip(chunked_sel, whole_sel):
-        assert torch.equal(a, b)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # the concatenating path used for ONNX export
+    traced, traced_sel = run()
+    for out, sel in ((chunked, chunked_sel), (traced, traced_sel)):
+        torch.testing.assert_close(out, whole, rtol=1e-12, atol=1e-12)
+        for a, b in zip(sel, whole_sel):
+            assert torch.equal(a, b)
 
 
 def test_quadtree_b_with_all_keys_is_mixture_of_exact_attention():

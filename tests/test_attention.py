@@ -168,8 +168,13 @@ def test_padded_keys_get_no_attention():
 
 
 @pytest.mark.parametrize("variant", ["A", "B"])
-def test_quadtree_gradients_match_per_query_reference(variant):
+@pytest.mark.parametrize("tiny_chunks", [False, True])
+def test_quadtree_gradients_match_per_query_reference(variant, tiny_chunks, monkeypatch):
     """Backward through the chunked kernels equals autograd through the per-query reference (float64)."""
+    if tiny_chunks:  # one query row / one parent per chunk: gradients flow through the chunk copies
+        import matcher.attention as attention
+
+        monkeypatch.setattr(attention, "CHUNK_BYTES", 1)
     qs, ks, vs, kmasks = _pyramids(1, 1, 4, (8, 8), (8, 12), 3, seed=13, masked=True)
     leaves = [x.clone().requires_grad_() for x in qs + ks + vs]
     weights = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)

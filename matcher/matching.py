@@ -81,6 +81,10 @@ def _select_mutual(
 #: dense matrix (64M entries = 256 MB in fp32; a 1600x1200 pair has 900M).
 DENSE_MATCHING_MAX_ENTRIES = 1 << 26
 
+#: Similarity entries per row chunk of the chunked matcher: 8 MB in fp32, small enough to stay in cache
+#: through the several passes each chunk takes.
+MATCHING_CHUNK_ENTRIES = 1 << 21
+
 
 def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled similarity of the query rows ``rows`` ``(B, r, L1)`` and their invalid entries (or None)."""
@@ -105,37 +109,40 @@ def chunked_mutual_nearest_matches(
     hw1: tuple[int, int],
     mask0: torch.Tensor | None = None,
     mask1: torch.Tensor | None = None,
-    max_entries: int = DENSE_MATCHING_MAX_ENTRIES,
+    max_entries: int = MATCHING_CHUNK_ENTRIES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dual_softmax` followed by :func:`mutual_nearest_matches`, without the ``(B, L0, L1)`` matrix.
 
     The dual softmax is ``exp(2 s_ij - R_i - C_j)`` with ``R`` / ``C`` the log-sum-exp of the similarity
     ``s`` over rows / columns: a first pass over row chunks of at most ``max_entries`` entries computes
-    ``R`` and accumulates ``C``, a second one recomputes each chunk's confidence for its row maxima and the
-    running column maxima. Memory is O(chunk x L1) instead of O(L0 x L1); same outputs as the dense pair.
+    ``R`` and accumulates ``C``; a second one recomputes each chunk's log-confidence ``2 s - R - C`` for
+    its row maxima and the running column maxima (exp is taken of the maxima only). Memory is
+    O(chunk x L1) instead of O(L0 x L1); same outputs as the dense pair.
     """
     b, l0, c = feat0.shape
     scale = 1.0 / (c * temperature)
     step = max(1, max_entries // max(1, b * feat1.shape[1]))
     chunks = [slice(i, min(i + step, l0)) for i in range(0, l0, step)]
-    row_lse, col_lse = [], None
+    row_lse = feat0.new_empty(b, l0)
+    col_lse = None
     for rows in chunks:
         sim, _ = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
-        row_lse.append(sim.logsumexp(2))
+        row_lse[:, rows] = sim.logsumexp(2)
         part = sim.logsumexp(1)
         col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
-    row_max, j_best, col_max = [], [], None
-    for rows, lse in zip(chunks, row_lse):
+    row_best = feat0.new_empty(b, l0)
+    j_best = torch.empty(b, l0, dtype=torch.long, device=feat0.device)
+    col_best = None
+    for rows in chunks:
         sim, invalid = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
-        conf = torch.exp(2 * sim - lse[:, :, None] - col_lse[:, None, :])
+        log_conf = sim.mul_(2).sub_(row_lse[:, rows, None]).sub_(col_lse[:, None, :])
         if invalid is not None:
-            conf = conf.masked_fill(invalid, 0.0)
-        value, index = conf.max(dim=2)
-        row_max.append(value)
-        j_best.append(index)
-        part = conf.amax(dim=1)
-        col_max = part if col_max is None else torch.maximum(col_max, part)
-    return _select_mutual(torch.cat(row_max, 1), torch.cat(j_best, 1), col_max, thr, border, hw0, hw1, mask0, mask1)
+            log_conf.masked_fill_(invalid, float("-inf"))
+        value, index = log_conf.max(dim=2)
+        row_best[:, rows], j_best[:, rows] = value, index
+        part = log_conf.amax(dim=1)
+        col_best = part if col_best is None else torch.maximum(col_best, part)
+    return _select_mutual(row_best.exp(), j_best, col_best.exp(), thr, border, hw0, hw1, mask0, mask1)
 
 
 def pad_with_ground_truth(

@@ -78,15 +78,21 @@ def _ungroup_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, nh, h * w, *rest)
 
 
-#: Bytes of gathered keys (or coarsest-level scores) per chunk of queries. Working in chunks of this size
-#: keeps the temporaries in cache and in reused heap memory; one big gather per level would be written
-#: to fresh pages and run several times slower on CPU.
+#: Bytes of gathered keys (or coarsest-level scores) per chunk of queries on CPU. Working in chunks of
+#: this size keeps the temporaries in cache and in reused heap memory; one big gather per level would be
+#: written to fresh pages and run several times slower.
 CHUNK_BYTES = 4 << 20
 
+#: The same on GPUs, where chunks only bound memory: there is no cache to fit and every chunk costs kernel
+#: launches, so they are much larger.
+GPU_CHUNK_BYTES = 256 << 20
 
-def _chunks(total: int, bytes_per_item: int) -> list[slice]:
-    """Slices covering ``range(total)``, each about :data:`CHUNK_BYTES` bytes of ``bytes_per_item``."""
-    size = max(1, CHUNK_BYTES // max(1, bytes_per_item))
+
+def _chunks(total: int, bytes_per_item: int, device: torch.device) -> list[slice]:
+    """Slices covering ``range(total)``, each about :data:`CHUNK_BYTES` (CPU) or :data:`GPU_CHUNK_BYTES`
+    bytes of ``bytes_per_item``."""
+    budget = CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
+    size = max(1, budget // max(1, bytes_per_item))
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
@@ -154,7 +160,7 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
     b, nh, nq, _ = q.shape
     kt = k.transpose(-1, -2)
     outputs = _LevelOutputs(nq, dim=2)
-    for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size()):
+    for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size(), q.device):
         logits = torch.matmul(q[:, :, rows], kt) * scale
         if kmask is not None:
             logits = logits.masked_fill(~kmask[:, None, None, :], _neg_fill(logits.dtype))
@@ -184,7 +190,7 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
     total = local_idx.shape[0]
     outputs = _LevelOutputs(total, dim=0)
-    for sl in _chunks(total, 4 * k * d * qc.element_size()):
+    for sl in _chunks(total, 4 * k * d * qc.element_size(), qc.device):
         rows = table_idx[sl]
         logits = torch.matmul(queries[sl], _gather_rows(k_table, rows, d).transpose(-1, -2)) * scale
         if valid_table is not None:

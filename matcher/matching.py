@@ -81,9 +81,10 @@ def _select_mutual(
 #: dense matrix (64M entries = 256 MB in fp32; a 1600x1200 pair has 900M).
 DENSE_MATCHING_MAX_ENTRIES = 1 << 26
 
-#: Similarity entries per row chunk of the chunked matcher: 8 MB in fp32, small enough to stay in cache
-#: through the several passes each chunk takes.
+#: Similarity entries per row chunk of the chunked matcher on CPU: 8 MB in fp32, small enough to stay in
+#: cache through the several passes each chunk takes. On GPUs chunks only bound memory: 64M entries.
 MATCHING_CHUNK_ENTRIES = 1 << 21
+GPU_MATCHING_CHUNK_ENTRIES = 1 << 26
 
 
 def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,7 +110,7 @@ def chunked_mutual_nearest_matches(
     hw1: tuple[int, int],
     mask0: torch.Tensor | None = None,
     mask1: torch.Tensor | None = None,
-    max_entries: int = MATCHING_CHUNK_ENTRIES,
+    max_entries: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dual_softmax` followed by :func:`mutual_nearest_matches`, without the ``(B, L0, L1)`` matrix.
 
@@ -117,8 +118,11 @@ def chunked_mutual_nearest_matches(
     ``s`` over rows / columns: a first pass over row chunks of at most ``max_entries`` entries computes
     ``R`` and accumulates ``C``; a second one recomputes each chunk's log-confidence ``2 s - R - C`` for
     its row maxima and the running column maxima (exp is taken of the maxima only). Memory is
-    O(chunk x L1) instead of O(L0 x L1); same outputs as the dense pair.
+    O(chunk x L1) instead of O(L0 x L1); same outputs as the dense pair. ``max_entries`` defaults to
+    :data:`MATCHING_CHUNK_ENTRIES` on CPU and :data:`GPU_MATCHING_CHUNK_ENTRIES` elsewhere.
     """
+    if max_entries is None:
+        max_entries = MATCHING_CHUNK_ENTRIES if feat0.device.type == "cpu" else GPU_MATCHING_CHUNK_ENTRIES
     b, l0, c = feat0.shape
     scale = 1.0 / (c * temperature)
     step = max(1, max_entries // max(1, b * feat1.shape[1]))

@@ -122,7 +122,8 @@ def test_quadtree_in_chunks_equals_one_piece(variant, monkeypatch):
     run = lambda: quadtree_attention(qs, ks, vs, [3, 2, 2], variant, weights, kmasks, return_selection=True)  # noqa: E731
     whole, whole_sel = run()
     monkeypatch.setattr(attention, "CHUNK_BYTES", 1)
-    assert len(attention._chunks(10, 8)) == 10
+    assert len(attention._chunks(10, 8, torch.device("cpu"))) == 10
+    assert len(attention._chunks(10, 8, torch.device("meta"))) == 1  # GPU-sized chunks off the CPU
     chunked, chunked_sel = run()
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # the concatenating path used for ONNX export
     traced, traced_sel = run()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .chunking import ChunkedOutputs, chunk_slices
+
 def _neg_fill(dtype: torch.dtype) -> float:
     """Finite stand-in for -inf: a fully masked row still gets a (uniform) softmax instead of NaN."""
     return torch.finfo(dtype).min
@@ -92,8 +94,7 @@ def _chunks(total: int, bytes_per_item: int, device: torch.device) -> list[slice
     """Slices covering ``range(total)``, each about :data:`CHUNK_BYTES` (CPU) or :data:`GPU_CHUNK_BYTES`
     bytes of ``bytes_per_item``."""
     budget = CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
-    size = max(1, budget // max(1, bytes_per_item))
-    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+    return chunk_slices(total, budget // max(1, bytes_per_item))
 
 
 def _block_rows(blocks: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,7 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
     """
     b, nh, nq, _ = q.shape
     kt = k.transpose(-1, -2)
-    outputs = _LevelOutputs(nq, dim=2)
+    outputs = ChunkedOutputs(nq, dim=2)
     for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size(), q.device):
         logits = torch.matmul(q[:, :, rows], kt) * scale
         if kmask is not None:
@@ -189,7 +190,7 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
     valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
     total = local_idx.shape[0]
-    outputs = _LevelOutputs(total, dim=0)
+    outputs = ChunkedOutputs(total, dim=0)
     for sl in _chunks(total, 4 * k * d * qc.element_size(), qc.device):
         rows = table_idx[sl]
         logits = torch.matmul(queries[sl], _gather_rows(k_table, rows, d).transpose(-1, -2)) * scale
@@ -204,38 +205,6 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
         chosen = None if top_pos is None else _selected_children(local_idx[sl], top_pos, child_table)
         outputs.add((msg, chosen, top_scores), sl)
     return tuple(None if t is None else t.view(b, nh, num_parents, *t.shape[1:]) for t in outputs.result())
-
-
-class _LevelOutputs:
-    """Whole-level tensors assembled from per-chunk result tuples (None entries allowed) along ``dim``.
-
-    Chunks are copied into outputs allocated at the first chunk: keeping the pieces and concatenating
-    them at the end lets small long-lived pieces split the freed chunk temporaries in the heap, which
-    made the process grow by gigabytes at 76,800 tokens. Under tracing (ONNX export) the pieces are
-    concatenated instead, since a traced graph does not follow copies into preallocated buffers.
-    """
-
-    def __init__(self, total: int, dim: int) -> None:
-        self.total, self.dim = total, dim
-        self.concatenate = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        self.pieces: list[tuple] = []
-        self.outputs: tuple | None = None
-
-    def add(self, results: tuple, sl: slice) -> None:
-        if self.concatenate:
-            self.pieces.append(results)
-            return
-        if self.outputs is None:
-            d = self.dim
-            self.outputs = tuple(None if r is None else r.new_empty((*r.shape[:d], self.total, *r.shape[d + 1:])) for r in results)
-        for out, r in zip(self.outputs, results):
-            if r is not None:
-                out.narrow(self.dim, sl.start, sl.stop - sl.start).copy_(r)
-
-    def result(self) -> tuple:
-        if not self.concatenate:
-            return self.outputs
-        return tuple(None if f[0] is None else torch.cat(f, self.dim) for f in zip(*self.pieces))
 
 
 def quadtree_attention(

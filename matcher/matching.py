@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chunking import ChunkedOutputs, chunk_slices
+
 
 def dual_softmax(
     feat0: torch.Tensor,
@@ -78,8 +80,15 @@ def _select_mutual(
 
 
 #: Above this many confidence entries (B x L0 x L1) inference matches in row chunks instead of building the
-#: dense matrix (64M entries = 256 MB in fp32; a 1600x1200 pair has 900M).
+#: dense matrix: on GPUs to bound memory (64M entries = 256 MB in fp32; a 1600x1200 pair has 900M), on CPU
+#: from 4M entries, where the chunked matcher is also faster (0.17 vs 0.23 s at 4,800 x 4,800 tokens).
 DENSE_MATCHING_MAX_ENTRIES = 1 << 26
+CPU_DENSE_MATCHING_MAX_ENTRIES = 1 << 22
+
+
+def dense_matching_limit(device: torch.device) -> int:
+    """Largest confidence matrix (entries) inference builds whole on ``device``."""
+    return CPU_DENSE_MATCHING_MAX_ENTRIES if device.type == "cpu" else DENSE_MATCHING_MAX_ENTRIES
 
 #: Similarity entries per row chunk of the chunked matcher on CPU: 8 MB in fp32, small enough to stay in
 #: cache through the several passes each chunk takes. On GPUs chunks only bound memory: 64M entries.
@@ -98,6 +107,12 @@ def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, ro
     if invalid is not None:
         sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
     return sim, invalid
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(exp(a) + exp(b))``, stable (torch.logaddexp has no ONNX export)."""
+    top = torch.maximum(a, b)
+    return top + torch.log(torch.exp(a - top) + torch.exp(b - top))
 
 
 def chunked_mutual_nearest_matches(
@@ -126,26 +141,24 @@ def chunked_mutual_nearest_matches(
     b, l0, c = feat0.shape
     scale = 1.0 / (c * temperature)
     step = max(1, max_entries // max(1, b * feat1.shape[1]))
-    chunks = [slice(i, min(i + step, l0)) for i in range(0, l0, step)]
-    row_lse = feat0.new_empty(b, l0)
-    col_lse = None
+    chunks = chunk_slices(l0, step)
+    row_lse, col_lse = ChunkedOutputs(l0, dim=1), None
     for rows in chunks:
         sim, _ = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
-        row_lse[:, rows] = sim.logsumexp(2)
+        row_lse.add((sim.logsumexp(2),), rows)
         part = sim.logsumexp(1)
-        col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
-    row_best = feat0.new_empty(b, l0)
-    j_best = torch.empty(b, l0, dtype=torch.long, device=feat0.device)
-    col_best = None
+        col_lse = part if col_lse is None else _logaddexp(col_lse, part)
+    (row_lse,) = row_lse.result()
+    best, col_best = ChunkedOutputs(l0, dim=1), None
     for rows in chunks:
         sim, invalid = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
         log_conf = sim.mul_(2).sub_(row_lse[:, rows, None]).sub_(col_lse[:, None, :])
         if invalid is not None:
             log_conf.masked_fill_(invalid, float("-inf"))
-        value, index = log_conf.max(dim=2)
-        row_best[:, rows], j_best[:, rows] = value, index
+        best.add(log_conf.max(dim=2), rows)
         part = log_conf.amax(dim=1)
         col_best = part if col_best is None else torch.maximum(col_best, part)
+    row_best, j_best = best.result()
     return _select_mutual(row_best.exp(), j_best, col_best.exp(), thr, border, hw0, hw1, mask0, mask1)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from .backbone import ResNetFPN
 from .config import load_config
 from .image_io import ImageLike, load_gray, resize_long_side
-from .matching import DENSE_MATCHING_MAX_ENTRIES, FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dual_softmax
+from .matching import FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dense_matching_limit, dual_softmax
 from .matching import mutual_nearest_matches, pad_with_ground_truth
 from .matching import window_expectation
 from .position_encoding import sine_position_encoding
@@ -157,7 +157,7 @@ class Matcher(nn.Module):
         mc = cfg.match_coarse
         fm0, fm1 = (None if m is None else m.flatten(1) for m in (mask0, mask1))
         conf = None
-        if internals or self.training or t0.shape[0] * t0.shape[1] * t1.shape[1] <= DENSE_MATCHING_MAX_ENTRIES:
+        if internals or self.training or t0.shape[0] * t0.shape[1] * t1.shape[1] <= dense_matching_limit(t0.device):
             conf = dual_softmax(t0, t1, mc.dsmax_temperature, fm0, fm1)
         with torch.no_grad():
             if conf is None:  # large inference pairs: never build the (B, L0, L1) matrix

@@ -14,7 +14,13 @@ from .conftest import textured_image
 ort = pytest.importorskip("onnxruntime")
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("chunked_matching", [False, True])
+def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
+    if chunked_matching:  # the row-chunked coarse matcher of large pairs, traced into the graph
+        import matcher.matching as matching
+
+        monkeypatch.setattr(matching, "CPU_DENSE_MATCHING_MAX_ENTRIES", 0)
+        monkeypatch.setattr(matching, "MATCHING_CHUNK_ENTRIES", 192 * 64)  # 5 chunks of query rows
     torch.manual_seed(0)
     model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
     path = export_onnx(model, tmp_path / "lite.onnx", size0=(120, 160), size1=(96, 128))

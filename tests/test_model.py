@@ -191,13 +191,13 @@ def test_chunked_coarse_matching_equals_dense(masked):
 
 def test_large_inference_pairs_use_chunked_matching(image_pair, monkeypatch):
     """Forcing the chunked path in forward() gives the same matches as the dense one."""
-    import matcher.model as model_module
+    import matcher.matching as matching
 
     model = Matcher.from_pretrained("default")  # trained weights: real matches
     x0, x1 = image_pair
     with torch.inference_mode():
         dense = model({"image0": x0, "image1": x1})
-        monkeypatch.setattr(model_module, "DENSE_MATCHING_MAX_ENTRIES", 0)
+        monkeypatch.setattr(matching, "CPU_DENSE_MATCHING_MAX_ENTRIES", 0)
         chunked = model({"image0": x0, "image1": x1})
     assert len(dense["keypoints0"]) > 0
     assert torch.equal(dense["keypoints0"], chunked["keypoints0"])

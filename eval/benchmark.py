@@ -53,8 +53,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved (A B A B ...) after ``warmup`` rounds."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function, calls interleaved (A B A B ...) after ``warmup`` rounds."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
@@ -64,7 +64,12 @@ def median_times(fns: dict[str, Callable[[], Any]], repeats: int, device: str, w
             sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved (A B A B ...) after ``warmup`` rounds."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeats, device, warmup).items()}
 
 
 def check_target(value: float | None, op: str, bound: float) -> str:
@@ -92,14 +97,7 @@ def matmul_gflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> 
     (noise only ever slows a run down)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    a @ b
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(interleaved_times({"mm": lambda: a @ b}, repeats, device)["mm"])
     return 2 * n**3 / best / 1e9
 
 

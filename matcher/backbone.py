@@ -42,7 +42,6 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(out_dim, out_dim)
         self.bn1 = nn.BatchNorm2d(out_dim)
         self.bn2 = nn.BatchNorm2d(out_dim)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1:
             self.downsample = nn.Sequential(conv1x1(in_dim, out_dim, stride), nn.BatchNorm2d(out_dim))
@@ -84,7 +83,6 @@ class ResNetFPN(nn.Module):
         d1, d2, d3 = block_dims
         self.conv1 = nn.Conv2d(1, initial_dim, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(initial_dim)
-        self.relu = nn.ReLU(inplace=True)
         self.layer1 = nn.Sequential(BasicBlock(initial_dim, d1, 1), BasicBlock(d1, d1))  # 1/2
         self.layer2 = nn.Sequential(BasicBlock(d1, d2, 2), BasicBlock(d2, d2))  # 1/4
         self.layer3 = nn.Sequential(BasicBlock(d2, d3, 2), BasicBlock(d3, d3))  # 1/8

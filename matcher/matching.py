@@ -82,13 +82,13 @@ def _select_mutual(
 #: Above this many confidence entries (B x L0 x L1) inference matches in row chunks instead of building the
 #: dense matrix: on GPUs to bound memory (64M entries = 256 MB in fp32; a 1600x1200 pair has 900M), on CPU
 #: from 4M entries, where the chunked matcher is also faster (0.17 vs 0.23 s at 4,800 x 4,800 tokens).
-DENSE_MATCHING_MAX_ENTRIES = 1 << 26
+GPU_DENSE_MATCHING_MAX_ENTRIES = 1 << 26
 CPU_DENSE_MATCHING_MAX_ENTRIES = 1 << 22
 
 
 def dense_matching_limit(device: torch.device) -> int:
     """Largest confidence matrix (entries) inference builds whole on ``device``."""
-    return CPU_DENSE_MATCHING_MAX_ENTRIES if device.type == "cpu" else DENSE_MATCHING_MAX_ENTRIES
+    return CPU_DENSE_MATCHING_MAX_ENTRIES if device.type == "cpu" else GPU_DENSE_MATCHING_MAX_ENTRIES
 
 #: Similarity entries per row chunk of the chunked matcher on CPU: 8 MB in fp32, small enough to stay in
 #: cache through the several passes each chunk takes. On GPUs chunks only bound memory: 64M entries.

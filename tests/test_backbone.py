@@ -9,13 +9,13 @@ from matcher.backbone import BasicBlock, ResNetFPN, _fpn_merge, conv_bn
 
 
 def _plain_block(block: BasicBlock, x: torch.Tensor) -> torch.Tensor:
-    y = block.relu(block.bn1(block.conv1(x)))
+    y = torch.relu(block.bn1(block.conv1(x)))
     y = block.bn2(block.conv2(y))
-    return block.relu((x if block.downsample is None else block.downsample(x)) + y)
+    return torch.relu((x if block.downsample is None else block.downsample(x)) + y)
 
 
 def _plain_forward(net: ResNetFPN, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = net.relu(net.bn1(net.conv1(image)))
+    x = torch.relu(net.bn1(net.conv1(image)))
     x1 = x
     for block in net.layer1:
         x1 = _plain_block(block, x1)

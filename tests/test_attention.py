@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matcher.attention import full_attention, linear_attention, pool_levels, quadtree_attention
+from matcher.attention import full_attention, linear_attention, pool_levels, quadtree_attention, topk_last_dim
 
 
 def _reference(qs, ks, vs, topks, variant, weights=None, kmasks=None):
@@ -131,6 +131,45 @@ def test_quadtree_in_chunks_equals_one_piece(variant, monkeypatch):
         torch.testing.assert_close(out, whole, rtol=1e-12, atol=1e-12)
         for a, b in zip(sel, whole_sel):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,k", [((3, 5, 4800), 32), ((2, 7, 1031), 16), ((4, 1024), 128), ((6, 2000), 1)])
+def test_two_pass_topk_equals_torch_topk(shape, k):
+    """Long rows (ragged tails included) give torch.topk's values and, without ties, its indices."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    values, idx = topk_last_dim(x, k)
+    expected_values, expected_idx = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(idx, expected_idx)
+
+
+def test_two_pass_topk_with_ties_and_gradients():
+    """Rows full of equal entries (softmax underflow): the same values, indices that point at them, and the
+    gradient reaches exactly the selected entries."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.softmax(torch.randn(4, 3000, generator=g, dtype=torch.float64) * 60, dim=-1)
+    x[0, :2000] = 0.5  # more ties than k inside the row
+    x.requires_grad_()
+    values, idx = topk_last_dim(x, 32)
+    assert torch.equal(values, torch.topk(x, 32, dim=-1).values)
+    assert torch.equal(torch.gather(x, -1, idx), values) and all(len(set(r.tolist())) == 32 for r in idx)
+    (grad,) = torch.autograd.grad(values.sum(), x)
+    expected = torch.zeros_like(x).scatter_(-1, idx, 1.0)
+    assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_quadtree_with_two_pass_topk_matches_reference(variant, monkeypatch):
+    """The coarsest level's two-pass top-k (used from 1024 keys) inside QuadTree attention, on a grid small
+    enough for the per-query reference: the switch is lowered so that 256 coarsest keys take it."""
+    import matcher.attention as attention
+
+    monkeypatch.setattr(attention, "BLOCK_TOPK_MIN_LENGTH", 200)
+    qs, ks, vs, kmasks = _pyramids(1, 1, 4, (32, 32), (32, 32), 2, seed=17, masked=True)
+    weights = torch.tensor([0.4, -0.1], dtype=torch.float64)
+    out = quadtree_attention(qs, ks, vs, [12, 3], variant, weights if variant == "B" else None, kmasks)
+    ref = _reference([x[0, 0] for x in qs], [x[0, 0] for x in ks], [x[0, 0] for x in vs], [12, 3], variant,
+                     weights, [m[0] for m in kmasks])
+    torch.testing.assert_close(out[0, 0], ref, rtol=1e-9, atol=1e-9)
 
 
 def test_quadtree_b_with_all_keys_is_mixture_of_exact_attention():

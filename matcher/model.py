@@ -71,7 +71,7 @@ class Matcher(nn.Module):
             config = load_config(config)
         self.config = copy.deepcopy(config)
         cfg = self.config
-        self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims))
+        self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(
             c.d_model, c.nhead, list(c.layer_names), c.attention, c.attn_type, list(c.topks), c.mlp_ratio

@@ -1,0 +1,140 @@
+"""Winograd F(4x4, 3x3) convolution against torch's direct convolution, and where the backbone uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import matcher.winograd as winograd
+from matcher.backbone import ResNetFPN
+from matcher.winograd import conv3x3_winograd, winograd_weight
+
+
+def _reference(x, weight, bias, negative_slope):
+    y = F.conv2d(x, weight, bias, padding=1)
+    return y if negative_slope is None else F.leaky_relu(y, negative_slope)
+
+
+@pytest.mark.parametrize("negative_slope", [None, 0.0, 0.1])
+@pytest.mark.parametrize(
+    "n,c_in,c_out,h,w",
+    [(2, 5, 7, 9, 13), (1, 3, 4, 17, 6), (2, 8, 3, 4, 4), (1, 2, 2, 1, 1), (1, 4, 6, 11, 23)],
+)
+def test_winograd_equals_direct_convolution(n, c_in, c_out, h, w, negative_slope):
+    g = torch.Generator().manual_seed(h * w + c_in)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    expected = _reference(x, weight, bias, negative_slope)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = conv3x3_winograd(inp, weight, bias, negative_slope)
+        assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expected, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(conv3x3_winograd(x, weight), F.conv2d(x, weight, padding=1), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, 40000])
+def test_winograd_chunks_of_rows_and_row_pieces(chunk_bytes, monkeypatch):
+    """Chunks of one tile, of a few tiles of a row, and of several rows cover the map exactly once."""
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(chunk_bytes)
+    x = torch.randn(2, 6, 19, 30, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(conv3x3_winograd(x, weight, bias, 0.0), _reference(x, weight, bias, 0.0), rtol=1e-11, atol=1e-11)
+    chunks = winograd._tile_chunks(5, 8, 36 * 6 * 8)
+    covered = [(r, c) for r0, r1, c0, c1 in chunks for r in range(r0, r1) for c in range(c0, c1)]
+    assert sorted(covered) == [(r, c) for r in range(5) for c in range(8)]
+
+
+def test_winograd_float32_rounding_stays_small():
+    """Backbone-sized channels in float32: within 1e-4 of the output range of the exact (float64) result."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 128, 24, 40, generator=g)
+    weight = torch.randn(96, 128, 3, 3, generator=g) / 34.0
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    error = (conv3x3_winograd(x, weight).double() - exact).abs().max() / exact.abs().max()
+    assert error < 1e-4
+
+
+def test_transformed_filter_is_g_g_gt():
+    """A known answer: the filter transform is ``G g G^T`` for each (output, input) channel pair."""
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    u = winograd_weight(weight)
+    assert u.shape == (36, 2, 3)
+    for o in range(3):
+        for i in range(2):
+            torch.testing.assert_close(u[:, i, o].view(6, 6), winograd._G @ weight[o, i] @ winograd._G.T)
+
+
+def _count_winograd_calls(monkeypatch) -> list[int]:
+    import matcher.backbone as backbone
+
+    calls = [0]
+    original = backbone.conv3x3_winograd
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "conv3x3_winograd", counting)
+    return calls
+
+
+def test_backbone_winograd_path_equals_direct_path(monkeypatch):
+    """Eval-mode backbone with and without Winograd (float64): same maps; all 14 stride-1 3x3 convolutions
+    take the Winograd path in inference, none when autograd, autocast or export tracing is on."""
+    torch.manual_seed(0)
+    net = ResNetFPN(8, [8, 12, 16], winograd=True).eval().double()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.1, 2.0)
+    image = torch.rand(2, 1, 37, 52, dtype=torch.float64)
+    calls = _count_winograd_calls(monkeypatch)
+    with torch.no_grad():
+        fast = net(image)
+    assert calls[0] == 14
+    for module in net.modules():
+        if hasattr(module, "winograd"):
+            module.winograd = False
+    with torch.no_grad():
+        direct = net(image)
+    assert calls[0] == 14
+    for a, b in zip(fast, direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+    for module in net.modules():
+        if hasattr(module, "winograd"):
+            module.winograd = True
+    net.float()
+    net(image.float())  # autograd on
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(image.float())
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    with torch.no_grad():
+        net(image.float())
+    assert calls[0] == 14
+
+
+def test_shipped_model_keeps_its_matches_with_winograd():
+    """The issue's rule for a faster default path: it keeps at least 95% of the direct path's matches
+    within 1 px (shipped weights, demo pair at 480 px; in practice all of them, within 0.01 px)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from matcher import Matcher
+
+    assets = Path(__file__).resolve().parents[1] / "demo" / "assets"
+    model = Matcher.from_pretrained("default")
+    assert model.backbone.winograd
+    fast = model.match(assets / "pair_a.png", assets / "pair_b.png", resize=480)
+    for module in model.backbone.modules():
+        if hasattr(module, "winograd"):
+            module.winograd = False
+    direct = model.match(assets / "pair_a.png", assets / "pair_b.png", resize=480)
+    assert len(direct["keypoints0"]) > 300
+    d0 = np.abs(direct["keypoints0"][:, None] - fast["keypoints0"][None]).max(-1)
+    d1 = np.abs(direct["keypoints1"][:, None] - fast["keypoints1"][None]).max(-1)
+    assert ((d0 <= 1) & (d1 <= 1)).any(1).mean() >= 0.95

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matcher.allocator import reuse_freed_memory
 from matcher.image_io import load_gray
 from matcher.metrics import epipolar_precision
 from matcher.model import matcher_with_description
@@ -75,4 +76,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # process-wide malloc tuning, for command-line runs only (see matcher/allocator.py)
     sys.exit(main())

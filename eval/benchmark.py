@@ -32,6 +32,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from matcher.allocator import reuse_freed_memory
+
 ASSETS = Path(__file__).resolve().parents[1] / "demo" / "assets"
 
 #: Targets of the speed issue, as (description, key in the ratios dict, comparison, bound).
@@ -44,6 +46,7 @@ TARGETS = (
     ("QuadTree-B memory growth 19,200 -> 76,800 tokens", "quadtree_memory_growth_2", "<=", 4.6),
     ("1600x1200 pair, full-width model: peak memory (GB)", "peak_gb_1600x1200", "<=", 8.0),
     ("bf16 path keeps fp32 matches within 1 px", "bf16_agreement", ">=", 0.95),
+    ("Winograd backbone (default) keeps the direct path's matches within 1 px", "winograd_agreement", ">=", 0.95),
 )
 
 
@@ -147,6 +150,8 @@ def run_pair(model: torch.nn.Module, x0: torch.Tensor, x1: torch.Tensor, autocas
 def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this (child) process; report time and peak memory above the start."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("reuse_freed_memory"):
+        reuse_freed_memory()
     device = spec["device"]
     if spec["kind"] == "pair":
         model = build_ours(spec["config"], device) if spec["model"] == "ours" else build_kornia(device)
@@ -241,7 +246,8 @@ def attention_forward(layer, kind: str, grid: tuple[int, int], x: torch.Tensor, 
         return layer.proj(message.transpose(1, 2).reshape(b, n, c))
 
 
-def section_attention(grids: list[tuple[int, int]], device: str, threads: int, repeats: int, sdpa_budget_s: float) -> dict:
+def section_attention(grids: list[tuple[int, int]], device: str, threads: int, repeats: int, sdpa_budget_s: float,
+                      reuse_memory: bool) -> dict:
     """Time (in-process, interleaved) and peak memory (child processes) of QuadTree-B vs SDPA per grid."""
     rows = []
     sdpa_estimate = None
@@ -260,7 +266,7 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
         else:
             row["sdpa_note"] = f"skipped: estimated {sdpa_estimate:.0f} s per call (quadratic extrapolation)"
             sdpa_estimate *= 16
-        spec = {"kind": "attention", "grid": list(grid), "device": device, "threads": threads}
+        spec = {"kind": "attention", "grid": list(grid), "device": device, "threads": threads, "reuse_freed_memory": reuse_memory}
         row["quadtree_peak_mb"] = run_child({**spec, "model": "quadtree"}).get("peak_mb")
         row["sdpa_peak_mb"] = run_child({**spec, "model": "sdpa"}).get("peak_mb") if run_sdpa else None
         rows.append(row)
@@ -270,10 +276,15 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
 
 # ----------------------------------------------------------------------------------------------- end to end
 def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: bool, autocast: torch.dtype | None) -> dict:
-    """Ours (quadtree_b_indoor, fp32 and autocast) vs kornia LoFTR (fp32) on one pair, interleaved."""
+    """Ours (quadtree_b_indoor: fp32, fp32 with the direct convolutions instead of Winograd on CPU, autocast)
+    vs kornia LoFTR (fp32) on one pair, interleaved."""
     ours = build_ours("quadtree_b_indoor", device)
     x0, x1 = sample_pair(hw, device)
     fns = {"ours_fp32": lambda: run_pair(ours, x0, x1)}
+    if device == "cpu":
+        direct = build_ours("quadtree_b_indoor", device)
+        set_winograd(direct, False)
+        fns["ours_fp32_direct_conv"] = lambda: run_pair(direct, x0, x1)
     if autocast is not None:
         fns["ours_" + str(autocast).split(".")[-1]] = lambda: run_pair(ours, x0, x1, autocast)
     if with_kornia:
@@ -287,16 +298,32 @@ def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: boo
     return result
 
 
-def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype) -> dict:
-    """Share of the fp32 matches the autocast run keeps within 1 px, with the shipped default weights."""
+def set_winograd(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch the backbone's Winograd convolutions on or off (all of its blocks)."""
+    for module in model.backbone.modules():
+        if hasattr(module, "winograd"):
+            module.winograd = enabled
+
+
+def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype | None) -> dict:
+    """Share of the reference matches that a faster path keeps within 1 px, with the shipped default weights:
+    the autocast run against fp32, and (on CPU) the Winograd backbone against direct convolutions."""
     from matcher import Matcher
 
     model = Matcher.from_pretrained("default").to(device)
     x0, x1 = sample_pair(hw, device)
-    ref, new = run_pair(model, x0, x1), run_pair(model, x0, x1, autocast)
     to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
-    kept = matches_kept(to_np(ref["keypoints0"]), to_np(ref["keypoints1"]), to_np(new["keypoints0"]), to_np(new["keypoints1"]))
-    return {"weights": "default (lite)", "hw": list(hw), "fp32_matches": len(ref["keypoints0"]), "autocast_matches": len(new["keypoints0"]), "kept_within_1px": kept}
+    kept = lambda ref, new: matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))  # noqa: E731
+    ref = run_pair(model, x0, x1)
+    result: dict[str, Any] = {"weights": "default (lite)", "hw": list(hw), "fp32_matches": len(ref["keypoints0"])}
+    if autocast is not None:
+        new = run_pair(model, x0, x1, autocast)
+        result.update(autocast_matches=len(new["keypoints0"]), kept_within_1px=kept(ref, new))
+    if device == "cpu":
+        set_winograd(model, False)
+        direct = run_pair(model, x0, x1)
+        result.update(direct_matches=len(direct["keypoints0"]), winograd_kept_within_1px=kept(direct, ref))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -382,7 +409,8 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
     mem = results.get("memory")
     r["peak_gb_1600x1200"] = mem["peak_mb"] / 1024 if mem and "peak_mb" in mem else None
     agree = results.get("agreement")
-    r["bf16_agreement"] = agree["kept_within_1px"] if agree else None
+    r["bf16_agreement"] = agree.get("kept_within_1px") if agree else None
+    r["winograd_agreement"] = agree.get("winograd_kept_within_1px") if agree else None
     return r
 
 
@@ -391,7 +419,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Benchmark ({'quick' if results['quick'] else 'full'})", "",
              f"Machine: {m['cpu']}, {m['threads']} threads, {m.get('gpu', m['device'])}; torch {m['torch']} "
              f"(CPU capability {m['cpu_capability']}). Matmul rate: "
-             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_gflops"].items()), ""]
+             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_gflops"].items())
+             + (". malloc: freed blocks kept for reuse (matcher/allocator.py)" if m.get("reuse_freed_memory") else ". malloc: system defaults"), ""]
     if "e2e" in results:
         e = results["e2e"]
         lines += [f"## End to end, one {e['hw'][1]}x{e['hw'][0]} pair", "", "| configuration | s / pair | matches |", "|:---|---:|---:|"]
@@ -399,8 +428,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if "agreement" in results:
         a = results["agreement"]
-        lines += [f"bf16 autocast agreement ({a['weights']} weights, {a['hw'][1]}x{a['hw'][0]}): {100 * a['kept_within_1px']:.1f}% of "
-                  f"{a['fp32_matches']} fp32 matches kept within 1 px ({a['autocast_matches']} bf16 matches)", ""]
+        where = f"{a['weights']} weights, {a['hw'][1]}x{a['hw'][0]}"
+        if "kept_within_1px" in a:
+            lines += [f"bf16 autocast agreement ({where}): {100 * a['kept_within_1px']:.1f}% of "
+                      f"{a['fp32_matches']} fp32 matches kept within 1 px ({a['autocast_matches']} bf16 matches)", ""]
+        if "winograd_kept_within_1px" in a:
+            lines += [f"Winograd agreement ({where}): {100 * a['winograd_kept_within_1px']:.1f}% of the {a['direct_matches']} "
+                      f"matches with direct convolutions kept within 1 px ({a['fp32_matches']} with Winograd)", ""]
     if "attention" in results:
         lines += ["## Attention layer (d_model 256, 8 heads): QuadTree-B (top-k 32/16/16) vs exact softmax (SDPA)", "",
                   "Both with the same q/k/v and output projections; SDPA runs over query chunks whose score matrix stays under 1 GB "
@@ -443,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, quick 1)")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc at its defaults (by default freed blocks are kept for reuse, as the "
+                        "command-line tools do: matcher/allocator.py)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -460,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.sections.split(","))
     cuda = device.startswith("cuda")
     bf16 = torch.bfloat16 if (cuda or "avx512" in torch.backends.cpu.get_cpu_capability().lower()) else None
-    results: dict[str, Any] = {"quick": quick, "machine": machine_info(device), "repeats": repeats}
+    reuse_memory = not args.system_malloc and reuse_freed_memory()
+    results: dict[str, Any] = {"quick": quick, "machine": {**machine_info(device), "reuse_freed_memory": reuse_memory}, "repeats": repeats}
     n = 1024 if quick else 2048
     results["matmul_gflops"] = {"fp32": matmul_gflops(device, torch.float32, n)}
     if bf16 is not None:
@@ -470,17 +508,19 @@ def main(argv: list[str] | None = None) -> int:
         print("end to end ...", flush=True)
         e2e_repeats = repeats if quick or args.repeats else 5  # the headline ratio: more runs against noise
         results["e2e"] = section_e2e(e2e_hw, device, e2e_repeats, with_kornia=True, autocast=bf16)
-    if "agreement" in sections and bf16 is not None:
-        print("bf16 agreement ...", flush=True)
+    if "agreement" in sections and (bf16 is not None or device == "cpu"):
+        print("agreement of the faster paths ...", flush=True)
         results["agreement"] = section_agreement(e2e_hw, device, bf16)
     if "attention" in sections:
         print("attention ...", flush=True)
         grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
-        results["attention"] = section_attention(grids, device, threads, repeats, sdpa_budget_s=30 if quick else 300)
+        results["attention"] = section_attention(grids, device, threads, repeats, sdpa_budget_s=30 if quick else 300,
+                                                  reuse_memory=reuse_memory)
     if "memory" in sections:
         print("peak memory ...", flush=True)
         hw = (240, 320) if quick else (1200, 1600)
-        spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads}
+        spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads,
+                "reuse_freed_memory": reuse_memory}
         results["memory"] = {"hw": list(hw), **run_child(spec)}
     if "flops" in sections:
         print("FLOPs per stage ...", flush=True)

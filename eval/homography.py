@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from matcher.allocator import reuse_freed_memory
 from matcher.evaluation import (
     CacheMismatchError,
     Column,
@@ -258,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # process-wide malloc tuning, for command-line runs only (see matcher/allocator.py)
     try:
         main()
     except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:

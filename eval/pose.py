@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from matcher.allocator import reuse_freed_memory
 from matcher.evaluation import (
     CacheMismatchError,
     Column,
@@ -378,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # process-wide malloc tuning, for command-line runs only (see matcher/allocator.py)
     try:
         main()
     except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:

@@ -29,6 +29,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from .allocator import reuse_freed_memory
+
 RAW_KEYS = ("raw_keypoints0", "raw_keypoints1", "raw_scores")
 
 
@@ -203,4 +205,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # process-wide malloc tuning, for command-line runs only (see matcher/allocator.py)
     sys.exit(main())

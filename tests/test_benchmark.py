@@ -57,13 +57,13 @@ def test_ratios_from_results(bench):
             {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0},
         ]},
         "memory": {"peak_mb": 2048.0},
-        "agreement": {"kept_within_1px": 0.97},
+        "agreement": {"kept_within_1px": 0.97, "winograd_kept_within_1px": 1.0},
     }
     r = bench.ratios_of(results)
     assert r["e2e_time_ratio"] == 1.5 and r["attention_speedup_19200"] == 12.0
     assert r["quadtree_time_growth_1"] == 4.0 and r["quadtree_time_growth_2"] == 5.0
     assert r["quadtree_memory_growth_1"] == 5.0 and r["quadtree_memory_growth_2"] == 2.0
-    assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97
+    assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97 and r["winograd_agreement"] == 1.0
 
 
 def test_quick_run_writes_json_and_table(bench, tmp_path):
@@ -73,7 +73,9 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert results["quick"] and results["machine"]["threads"] >= 1
     assert all(v > 0 for v in results["matmul_gflops"].values())
     e2e = results["e2e"]["seconds"]
-    assert {"ours_fp32", "kornia_loftr_fp32"} <= set(e2e) and all(v > 0 for v in e2e.values())
+    assert {"ours_fp32", "ours_fp32_direct_conv", "kornia_loftr_fp32"} <= set(e2e) and all(v > 0 for v in e2e.values())
+    assert results["machine"]["reuse_freed_memory"] is True  # children (memory, attention) apply it too
+    assert 0.95 <= results["agreement"]["winograd_kept_within_1px"] <= 1.0
     rows = results["attention"]["rows"]
     assert [r["tokens"] for r in rows] == [64, 256, 1024]
     assert all(r["quadtree_s"] > 0 and r["quadtree_peak_mb"] is not None for r in rows)

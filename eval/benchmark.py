@@ -283,7 +283,7 @@ def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: boo
     fns = {"ours_fp32": lambda: run_pair(ours, x0, x1)}
     if device == "cpu":
         direct = build_ours("quadtree_b_indoor", device)
-        set_winograd(direct, False)
+        direct.backbone.set_winograd(False)
         fns["ours_fp32_direct_conv"] = lambda: run_pair(direct, x0, x1)
     if autocast is not None:
         fns["ours_" + str(autocast).split(".")[-1]] = lambda: run_pair(ours, x0, x1, autocast)
@@ -296,13 +296,6 @@ def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: boo
         result["matches"]["kornia_loftr_fp32"] = len(run_pair(kornia_model, x0, x1)["keypoints0"])
         result["time_ratio"] = times["ours_fp32"] / times["kornia_loftr_fp32"]
     return result
-
-
-def set_winograd(model: torch.nn.Module, enabled: bool) -> None:
-    """Switch the backbone's Winograd convolutions on or off (all of its blocks)."""
-    for module in model.backbone.modules():
-        if hasattr(module, "winograd"):
-            module.winograd = enabled
 
 
 def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype | None) -> dict:
@@ -320,7 +313,7 @@ def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype | 
         new = run_pair(model, x0, x1, autocast)
         result.update(autocast_matches=len(new["keypoints0"]), kept_within_1px=kept(ref, new))
     if device == "cpu":
-        set_winograd(model, False)
+        model.backbone.set_winograd(False)
         direct = run_pair(model, x0, x1)
         result.update(direct_matches=len(direct["keypoints0"]), winograd_kept_within_1px=kept(direct, ref))
     return result

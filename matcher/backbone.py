@@ -141,6 +141,12 @@ class ResNetFPN(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_winograd(self, enabled: bool) -> None:
+        """Switch the Winograd path of every block on or off (``resnetfpn.winograd`` sets it at build)."""
+        for module in self.modules():
+            if isinstance(module, (ResNetFPN, BasicBlock)):
+                module.winograd = enabled
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 1, H, W)`` -> coarse ``(B, C3, H/8, W/8)`` and fine ``(B, C1, H/2, W/2)`` maps, both in
         channels-last memory order (same shapes and values as contiguous ones)."""

@@ -95,18 +95,14 @@ def test_backbone_winograd_path_equals_direct_path(monkeypatch):
     with torch.no_grad():
         fast = net(image)
     assert calls[0] == 14
-    for module in net.modules():
-        if hasattr(module, "winograd"):
-            module.winograd = False
+    net.set_winograd(False)
     with torch.no_grad():
         direct = net(image)
     assert calls[0] == 14
     for a, b in zip(fast, direct):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
-    for module in net.modules():
-        if hasattr(module, "winograd"):
-            module.winograd = True
+    net.set_winograd(True)
     net.float()
     net(image.float())  # autograd on
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -130,9 +126,7 @@ def test_shipped_model_keeps_its_matches_with_winograd():
     model = Matcher.from_pretrained("default")
     assert model.backbone.winograd
     fast = model.match(assets / "pair_a.png", assets / "pair_b.png", resize=480)
-    for module in model.backbone.modules():
-        if hasattr(module, "winograd"):
-            module.winograd = False
+    model.backbone.set_winograd(False)
     direct = model.match(assets / "pair_a.png", assets / "pair_b.png", resize=480)
     assert len(direct["keypoints0"]) > 300
     d0 = np.abs(direct["keypoints0"][:, None] - fast["keypoints0"][None]).max(-1)

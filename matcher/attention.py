@@ -145,32 +145,34 @@ BLOCK_TOPK_MIN_LENGTH = 1024
 TOPK_GROUP = 8
 
 
-def topk_last_dim(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k, dim=-1)`` (largest first), long rows in two passes.
+def topk_last_dim(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim=-1, sorted=sorted)`` (largest), long rows in two passes.
 
     A row of n entries is split into n / :data:`TOPK_GROUP` groups, group g holding entries g, g + n/8,
     g + 2n/8, ... (strided, so the group maxima are elementwise maxima of contiguous slices). The k
     groups with the largest maxima hold k entries at least as large as any entry outside them, so the
     top-k values are among those groups' entries (plus the ragged tail), and only these are ranked. Same
-    values as ``torch.topk``; indices differ only between equal values.
+    values as ``torch.topk``; indices differ only between equal values (and, unsorted, in order).
 
     Args:
-        x: ``(..., n)``; k: at most n.
+        x: ``(..., n)``; k: at most n; sorted: largest first, else in no particular order (faster).
     Returns:
         values and indices into the last dim, ``(..., k)``.
     """
     n = x.shape[-1]
     num_groups = n // TOPK_GROUP
     if n < BLOCK_TOPK_MIN_LENGTH or num_groups < k:
-        return torch.topk(x, k, dim=-1)
+        return torch.topk(x, k, dim=-1, sorted=sorted)
     lead = x.shape[:-1]
     body = num_groups * TOPK_GROUP
     strided = x[..., :body].unflatten(-1, (TOPK_GROUP, num_groups))  # [..., j, g] = entry j * groups + g
     group_idx = torch.topk(strided.amax(dim=-2), k, dim=-1, sorted=False).indices  # (..., k)
     members = torch.gather(strided, -1, group_idx.unsqueeze(-2).expand(*lead, TOPK_GROUP, k))
-    values, pos = torch.topk(torch.cat([members.flatten(-2), x[..., body:]], dim=-1), k, dim=-1)
-    in_group = (pos // k) * num_groups + torch.gather(group_idx, -1, (pos % k))
-    return values, torch.where(pos < TOPK_GROUP * k, in_group, pos - TOPK_GROUP * k + body)
+    offsets = torch.arange(0, body, num_groups, device=x.device)[:, None]  # (TOPK_GROUP, 1)
+    member_idx = (offsets + group_idx.unsqueeze(-2)).flatten(-2)  # each candidate's index in the row
+    tail_idx = torch.arange(body, n, device=x.device).expand(*lead, n - body)
+    values, pos = torch.topk(torch.cat([members.flatten(-2), x[..., body:]], dim=-1), k, dim=-1, sorted=sorted)
+    return values, torch.gather(torch.cat([member_idx, tail_idx], dim=-1), -1, pos)
 
 
 def _select_and_message(attn, values, topk: int, variant: str, select: bool):
@@ -182,7 +184,8 @@ def _select_and_message(attn, values, topk: int, variant: str, select: bool):
     """
     top_scores = top_pos = None
     if select:
-        top_scores, top_pos = topk_last_dim(attn, min(topk, attn.shape[-1]))
+        # unsorted: the next level does not care about the order, and sorting costs 18% of a short top-k
+        top_scores, top_pos = topk_last_dim(attn, min(topk, attn.shape[-1]), sorted=False)
         if variant == "A":
             attn = attn.scatter(-1, top_pos, 0.0)
     return torch.matmul(attn, values), top_pos, top_scores
@@ -272,7 +275,8 @@ def quadtree_attention(
         level_weights: ``(L,)`` logits of the level mixture (variant B), coarsest first.
         key_masks: per level, finest first, ``(B, h_l, w_l)`` bool (False = padded key) or None.
         return_selection: also return the selected key indices per level (coarsest first), each
-            ``(B, nhead, N_l, K_l)`` with indices into that level's flattened key grid.
+            ``(B, nhead, N_l, K_l)`` with indices into that level's flattened key grid, in no particular
+            order (an unsorted top-k is faster, and the next level does not depend on the order).
     Returns:
         ``(B, nhead, h_0 * w_0, D)`` messages for the finest queries (and the selections).
     """

@@ -140,6 +140,9 @@ def test_two_pass_topk_equals_torch_topk(shape, k):
     values, idx = topk_last_dim(x, k)
     expected_values, expected_idx = torch.topk(x, k, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(idx, expected_idx)
+    values, idx = topk_last_dim(x, k, sorted=False)  # the same entries in some order
+    assert torch.equal(torch.gather(x, -1, idx), values)
+    assert torch.equal(idx.sort(-1).values, expected_idx.sort(-1).values)
 
 
 def test_two_pass_topk_with_ties_and_gradients():

@@ -53,12 +53,13 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _tile_chunks(tile_rows: int, tile_cols: int, bytes_per_tile: int) -> list[tuple[int, int, int, int]]:
     """``(r0, r1, c0, c1)`` tile ranges of about :data:`CHUNK_BYTES`: whole tile rows when one fits,
-    else pieces of a row."""
+    else equal pieces of a row."""
     per_chunk = max(1, CHUNK_BYTES // bytes_per_tile)
     if per_chunk >= tile_cols:
         rows = per_chunk // tile_cols
         return [(r, min(r + rows, tile_rows), 0, tile_cols) for r in range(0, tile_rows, rows)]
-    return [(r, r + 1, c, min(c + per_chunk, tile_cols)) for r in range(tile_rows) for c in range(0, tile_cols, per_chunk)]
+    width = -(-tile_cols // -(-tile_cols // per_chunk))  # as many pieces as needed, of equal width
+    return [(r, r + 1, c, min(c + width, tile_cols)) for r in range(tile_rows) for c in range(0, tile_cols, width)]
 
 
 def conv3x3_winograd(

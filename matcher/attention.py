@@ -137,8 +137,9 @@ def _grid_to_blocks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, nh, (h // 2) * (w // 2), 4, *rest)
 
 
-#: Rows at least this long take their top-k in two passes (:func:`topk_last_dim`); torch's CPU top-k
-#: costs about 2 ns per entry, a vectorised maximum a tenth of that.
+#: CPU rows at least this long take their top-k in two passes (:func:`topk_last_dim`); torch's CPU top-k
+#: costs about 2 ns per entry, a vectorised maximum a tenth of that. (GPUs keep torch.topk, whose radix
+#: selection has no such cost and which this project could not time on a GPU.)
 BLOCK_TOPK_MIN_LENGTH = 1024
 
 #: Entries per group of the first pass.
@@ -146,7 +147,7 @@ TOPK_GROUP = 8
 
 
 def topk_last_dim(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k, dim=-1, sorted=sorted)`` (largest), long rows in two passes.
+    """``torch.topk(x, k, dim=-1, sorted=sorted)`` (largest), long CPU rows in two passes.
 
     A row of n entries is split into n / :data:`TOPK_GROUP` groups, group g holding entries g, g + n/8,
     g + 2n/8, ... (strided, so the group maxima are elementwise maxima of contiguous slices). The k
@@ -161,7 +162,7 @@ def topk_last_dim(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.T
     """
     n = x.shape[-1]
     num_groups = n // TOPK_GROUP
-    if n < BLOCK_TOPK_MIN_LENGTH or num_groups < k:
+    if n < BLOCK_TOPK_MIN_LENGTH or num_groups < k or x.device.type != "cpu":
         return torch.topk(x, k, dim=-1, sorted=sorted)
     lead = x.shape[:-1]
     body = num_groups * TOPK_GROUP

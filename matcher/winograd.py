@@ -90,8 +90,11 @@ def conv3x3_winograd(
             m = torch.bmm(v, u)  # (36, tiles, C_out)
             y = (output_transform @ m.view(36, -1)).view(4, 4, r1 - r0, c1 - c0, c_out)
             target = out[image, 4 * r0 : 4 * r1, 4 * c0 : 4 * c1].view(r1 - r0, 4, c1 - c0, 4, c_out)
-            y = y.permute(2, 0, 3, 1, 4)
-            target.copy_(y) if bias is None else torch.add(y, bias, out=target)
+            y = y.permute(2, 0, 3, 1, 4)  # tile row, row in tile, tile column, column in tile
+            if bias is None:
+                target.copy_(y)
+            else:
+                torch.add(y, bias, out=target)
             if negative_slope == 0:
                 target.clamp_(min=0)
             elif negative_slope is not None:

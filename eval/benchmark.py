@@ -13,8 +13,11 @@ raw numbers) + ``benchmark.md`` in ``--out``.
 
 Weights: timings use seeded random weights with the coarse threshold at 0, so every mutual nearest neighbour
 is a match and the fine stage runs as with trained weights (speed depends on weights only through the number
-of matches, which is reported); the agreement of the bf16 path is measured with the shipped default weights
-(real matches).
+of matches, which is reported); the agreement of the faster paths (bf16 autocast; on CPU the default
+Winograd backbone against direct convolutions) is measured with the shipped default weights (real matches).
+
+Memory: like the command-line tools, the benchmark (and its child processes) keeps freed memory for reuse
+(matcher/allocator.py), for ours and kornia alike; ``--system-malloc`` leaves glibc's defaults.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .chunking import ChunkedOutputs, chunk_slices
 
+
 def _neg_fill(dtype: torch.dtype) -> float:
     """Finite stand-in for -inf: a fully masked row still gets a (uniform) softmax instead of NaN."""
     return torch.finfo(dtype).min

@@ -15,18 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .winograd import conv3x3_winograd
+from .winograd import activate_, conv3x3_winograd
 
 
 def conv1x1(in_dim: int, out_dim: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_dim, out_dim, kernel_size=1, stride=stride, bias=False)
-
-
-def _activate(x: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
-    """In place: nothing (None), ReLU (0) or LeakyReLU."""
-    if negative_slope is None:
-        return x
-    return F.relu(x, inplace=True) if negative_slope == 0 else F.leaky_relu(x, negative_slope, inplace=True)
 
 
 def _winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
@@ -50,7 +43,7 @@ def conv_bn(
     when ``winograd`` is set and :func:`_winograd_applies`.
     """
     if bn.training:
-        return _activate(bn(conv(x)), negative_slope)
+        return activate_(bn(conv(x)), negative_slope)
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale[:, None, None, None]
     bias = bn.bias - bn.running_mean * scale
@@ -59,7 +52,7 @@ def conv_bn(
     if winograd and _winograd_applies(x, conv):
         return conv3x3_winograd(x, weight, bias, negative_slope)
     weight = weight.contiguous(memory_format=torch.channels_last)
-    return _activate(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), negative_slope)
+    return activate_(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), negative_slope)
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d, winograd: bool) -> torch.Tensor:

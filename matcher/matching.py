@@ -90,6 +90,7 @@ def dense_matching_limit(device: torch.device) -> int:
     """Largest confidence matrix (entries) inference builds whole on ``device``."""
     return CPU_DENSE_MATCHING_MAX_ENTRIES if device.type == "cpu" else GPU_DENSE_MATCHING_MAX_ENTRIES
 
+
 #: Similarity entries per row chunk of the chunked matcher on CPU: 8 MB in fp32, small enough to stay in
 #: cache through the several passes each chunk takes. On GPUs chunks only bound memory: 64M entries.
 MATCHING_CHUNK_ENTRIES = 1 << 21

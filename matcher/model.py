@@ -119,7 +119,8 @@ class Matcher(nn.Module):
         level of coarse layer ``layer_index`` (a cross layer looks into image1, a self layer into image0).
 
         Returns ``selection``: list, coarsest level first, of ``(nhead, N_l, K_l)`` indices into that
-        level's key grid (batch 0; each query's K_l keys in no particular order), and the padded coarse grid sizes ``hw0`` and ``hw1`` (level 0, finest).
+        level's key grid (batch 0; each query's K_l keys in no particular order), and the padded coarse
+        grid sizes ``hw0`` and ``hw1`` (level 0, finest).
         """
         _check_images({"image0": image0, "image1": image1})
         c0, _, c1, _ = self.extract_features(image0, image1)

@@ -53,6 +53,13 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return (_FILTER_TRANSFORM.to(weight) @ taps).view(36, c_in, c_out)
 
 
+def activate_(x: torch.Tensor, negative_slope: float | None) -> torch.Tensor:
+    """In place: nothing (``negative_slope`` None), ReLU (0) or LeakyReLU; returns ``x``."""
+    if negative_slope is None:
+        return x
+    return F.relu(x, inplace=True) if negative_slope == 0 else F.leaky_relu(x, negative_slope, inplace=True)
+
+
 def _tile_chunks(tile_rows: int, tile_cols: int, bytes_per_tile: int) -> list[tuple[int, int, int, int]]:
     """``(r0, r1, c0, c1)`` tile ranges of about :data:`CHUNK_BYTES`: whole tile rows when one fits,
     else equal pieces of a row."""
@@ -97,10 +104,7 @@ def conv3x3_winograd(
                 target.copy_(y)
             else:
                 torch.add(y, bias, out=target)
-            if negative_slope == 0:
-                target.clamp_(min=0)
-            elif negative_slope is not None:
-                F.leaky_relu_(target, negative_slope)
+            activate_(target, negative_slope)
     out = out.permute(0, 3, 1, 2)
     if out.shape[2:] != (h, w):
         out = out[:, :, :h, :w].contiguous(memory_format=torch.channels_last)

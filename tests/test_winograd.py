@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import matcher.winograd as winograd
-from matcher.backbone import ResNetFPN
 from matcher.winograd import conv3x3_winograd, winograd_weight
+from tests.test_backbone import _plain_forward, _random_backbone
 
 
 def _reference(x, weight, bias, negative_slope):
@@ -83,13 +83,11 @@ def _count_winograd_calls(monkeypatch) -> list[int]:
 
 
 def test_backbone_winograd_path_equals_direct_path(monkeypatch):
-    """Eval-mode backbone with and without Winograd (float64): same maps; all 14 stride-1 3x3 convolutions
-    take the Winograd path in inference, none when autograd, autocast or export tracing is on."""
-    torch.manual_seed(0)
-    net = ResNetFPN(8, [8, 12, 16], winograd=True).eval().double()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.1, 2.0)
+    """Eval-mode backbone with and without Winograd (float64): the same maps as each other and as the
+    modules run one by one; all 14 stride-1 3x3 convolutions take the Winograd path in inference, none
+    when autograd, autocast or export tracing is on."""
+    net = _random_backbone().eval().double()
+    net.set_winograd(True)
     image = torch.rand(2, 1, 37, 52, dtype=torch.float64)
     calls = _count_winograd_calls(monkeypatch)
     with torch.no_grad():
@@ -98,9 +96,11 @@ def test_backbone_winograd_path_equals_direct_path(monkeypatch):
     net.set_winograd(False)
     with torch.no_grad():
         direct = net(image)
+        plain = _plain_forward(net, image)
     assert calls[0] == 14
-    for a, b in zip(fast, direct):
+    for a, b, c in zip(fast, direct, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
 
     net.set_winograd(True)
     net.float()

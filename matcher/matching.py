@@ -99,21 +99,46 @@ GPU_MATCHING_CHUNK_ENTRIES = 1 << 26
 
 def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled similarity of the query rows ``rows`` ``(B, r, L1)`` and their invalid entries (or None)."""
-    sim = torch.einsum("blc,bsc->bls", feat0[:, rows], feat1) * scale
+    sim = torch.einsum("blc,bsc->bls", feat0[:, rows] * scale, feat1)  # scaling the rows, not the products
+    invalid = _invalid_entries(mask0, mask1, rows)
+    if invalid is not None:
+        sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
+    return sim, invalid
+
+
+def _invalid_entries(mask0: torch.Tensor | None, mask1: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """``(B, r, L1)`` (broadcastable) True where row ``rows`` or the column is padding; None without masks."""
     invalid = None
     if mask0 is not None:
         invalid = ~mask0[:, rows, None]
     if mask1 is not None:
         invalid = ~mask1[:, None, :] if invalid is None else invalid | ~mask1[:, None, :]
-    if invalid is not None:
-        sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
-    return sim, invalid
+    return invalid
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(exp(a) + exp(b))``, stable (torch.logaddexp has no ONNX export)."""
     top = torch.maximum(a, b)
     return top + torch.log(torch.exp(a - top) + torch.exp(b - top))
+
+
+def _extended_features(
+    feat0: torch.Tensor, feat1: torch.Tensor, scale: float, row_lse: torch.Tensor, col_lse: torch.Tensor,
+    mask0: torch.Tensor | None, mask1: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[scale f0_i, -R_i, 1]`` ``(B, L0, C + 2)`` and columns ``[f1_j, 1, -C_j]`` ``(B, C + 2, L1)``, in
+    float32 at least, whose product is ``scale f0_i . f1_j - R_i - C_j``. Padded rows / columns get 0 for R /
+    C: their entries are masked afterwards, and their log-sum-exps, near the float minimum, would overflow."""
+    dtype = torch.promote_types(feat0.dtype, torch.float32)
+    row_term, col_term = -row_lse.to(dtype), -col_lse.to(dtype)
+    if mask0 is not None:
+        row_term = row_term.masked_fill(~mask0, 0.0)
+    if mask1 is not None:
+        col_term = col_term.masked_fill(~mask1, 0.0)
+    ones0, ones1 = row_term.new_ones(row_term.shape), col_term.new_ones(col_term.shape)
+    rows = torch.cat([feat0.to(dtype) * scale, row_term[..., None], ones0[..., None]], dim=-1)
+    cols = torch.cat([feat1.to(dtype), ones1[..., None], col_term[..., None]], dim=-1).transpose(1, 2)
+    return rows, cols
 
 
 def chunked_mutual_nearest_matches(
@@ -132,9 +157,11 @@ def chunked_mutual_nearest_matches(
 
     The dual softmax is ``exp(2 s_ij - R_i - C_j)`` with ``R`` / ``C`` the log-sum-exp of the similarity
     ``s`` over rows / columns: a first pass over row chunks of at most ``max_entries`` entries computes
-    ``R`` and accumulates ``C``; a second one recomputes each chunk's log-confidence ``2 s - R - C`` for
-    its row maxima and the running column maxima (exp is taken of the maxima only). Memory is
-    O(chunk x L1) instead of O(L0 x L1); same outputs as the dense pair. ``max_entries`` defaults to
+    ``R`` and accumulates ``C``; a second one computes each chunk's log-confidence ``2 s - R - C`` for
+    its row maxima and the running column maxima (exp is taken of the maxima only), as one float32 matrix
+    product of features extended by two columns, ``[2 f0_i / (c T), -R_i, 1] . [f1_j, 1, -C_j]``, instead
+    of a product and three passes over the chunk. Memory is O(chunk x L1) instead of O(L0 x L1); same
+    outputs as the dense pair (up to float rounding). ``max_entries`` defaults to
     :data:`MATCHING_CHUNK_ENTRIES` on CPU and :data:`GPU_MATCHING_CHUNK_ENTRIES` elsewhere.
     """
     if max_entries is None:
@@ -150,10 +177,12 @@ def chunked_mutual_nearest_matches(
         part = sim.logsumexp(1)
         col_lse = part if col_lse is None else _logaddexp(col_lse, part)
     (row_lse,) = row_lse.result()
+    rows_ext, cols_ext = _extended_features(feat0, feat1, 2 * scale, row_lse, col_lse, mask0, mask1)
     best, col_best = ChunkedOutputs(l0, dim=1), None
     for rows in chunks:
-        sim, invalid = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
-        log_conf = sim.mul_(2).sub_(row_lse[:, rows, None]).sub_(col_lse[:, None, :])
+        with torch.autocast(feat0.device.type, enabled=False):  # R and C are large: keep float32
+            log_conf = torch.bmm(rows_ext[:, rows], cols_ext)
+        invalid = _invalid_entries(mask0, mask1, rows)
         if invalid is not None:
             log_conf.masked_fill_(invalid, float("-inf"))
         best.add(log_conf.max(dim=2), rows)

@@ -164,9 +164,10 @@ def test_full_width_indoor_model_on_640x480():
     assert out["keypoints0"].shape[1] == 2
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_chunked_coarse_matching_equals_dense(masked):
-    """The memory-bounded matcher of large inference pairs gives the dense dual-softmax + mutual-NN result."""
+@pytest.mark.parametrize("masked,magnitude", [(False, 1.0), (True, 1.0), (False, 4.0), (True, 4.0)])
+def test_chunked_coarse_matching_equals_dense(masked, magnitude):
+    """The memory-bounded matcher of large inference pairs gives the dense dual-softmax + mutual-NN result,
+    also with features 4x larger (similarities and log-sum-exps of several hundred)."""
     from matcher.matching import chunked_mutual_nearest_matches, dual_softmax, mutual_nearest_matches
 
     g = torch.Generator().manual_seed(0)
@@ -174,6 +175,7 @@ def test_chunked_coarse_matching_equals_dense(masked):
     f0 = torch.randn(2, hw0[0] * hw0[1], 32, generator=g)
     f1 = torch.randn(2, hw1[0] * hw1[1], 32, generator=g)
     f1[:, : 100] = f0[:, 50:150] + 0.05 * torch.randn(2, 100, 32, generator=g)  # some clear matches
+    f0, f1 = f0 * magnitude, f1 * magnitude
     m0 = m1 = None
     if masked:
         m0 = torch.ones(2, *hw0, dtype=torch.bool)

@@ -91,9 +91,11 @@ def dense_matching_limit(device: torch.device) -> int:
     return CPU_DENSE_MATCHING_MAX_ENTRIES if device.type == "cpu" else GPU_DENSE_MATCHING_MAX_ENTRIES
 
 
-#: Similarity entries per row chunk of the chunked matcher on CPU: 8 MB in fp32, small enough to stay in
-#: cache through the several passes each chunk takes. On GPUs chunks only bound memory: 64M entries.
-MATCHING_CHUNK_ENTRIES = 1 << 21
+#: Similarity entries per row chunk of the chunked matcher on CPU: 16 MB in fp32, enough rows for the matrix
+#: products to run near full rate and few enough for the passes over each chunk to stay in the large caches
+#: (30,000 x 30,000 tokens on 2 cores: 6.5 s with 1M entries, 5.4 s with 2M, 4.9 s with 4M, 5.3 s with 8M).
+#: On GPUs chunks only bound memory: 64M entries.
+MATCHING_CHUNK_ENTRIES = 1 << 22
 GPU_MATCHING_CHUNK_ENTRIES = 1 << 26
 
 

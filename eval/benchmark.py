@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from matcher.allocator import reuse_freed_memory
+from matcher.metrics import matches_kept
 
 ASSETS = Path(__file__).resolve().parents[1] / "demo" / "assets"
 
@@ -90,18 +91,6 @@ def check_target(value: float | None, op: str, bound: float) -> str:
         return "n/a"
     ok = value <= bound if op == "<=" else value >= bound
     return "met" if ok else "not met"
-
-
-def matches_kept(ref0: np.ndarray, ref1: np.ndarray, new0: np.ndarray, new1: np.ndarray, tol: float = 1.0) -> float:
-    """Share of reference matches (ref0[i], ref1[i]) that the new run reproduces: some new match has both
-    keypoints within ``tol`` px (max-norm). 1.0 when the reference has no matches."""
-    if len(ref0) == 0:
-        return 1.0
-    if len(new0) == 0:
-        return 0.0
-    d0 = np.abs(ref0[:, None, :] - new0[None, :, :]).max(-1)
-    d1 = np.abs(ref1[:, None, :] - new1[None, :, :]).max(-1)
-    return float(((d0 <= tol) & (d1 <= tol)).any(1).mean())
 
 
 def matmul_gflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:

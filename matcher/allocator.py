@@ -5,13 +5,13 @@ glibc's malloc hands every block above its mmap threshold (at most 32 MB by defa
 on first touch. A matcher's feature maps and attention temporaries are tens to hundreds of MB each and are
 allocated and freed over and over. Keeping freed blocks in the heap makes them reusable with warm pages:
 on the 2-core reference machine a 640x480 pair takes 2.56 instead of 3.10 s (kornia's LoFTR: 2.78 instead
-of 5.05 s), the first 1600x1200 pair 30 instead of 39 s, and the backbone on later 1600x1200 pairs 7.7
+of 5.05 s), the first 1600x1200 pair 32 instead of 39 s, and the backbone on later 1600x1200 pairs 7.7
 instead of 11 s.
 
-The price: the heap fragments (a 1600x1200 pair peaks at 4.0 instead of 3.1 GB) and stays at its peak
-size. The setting is process-wide, so the library never applies it on its own: the command-line tools
-(demo, match_pairs, evaluation, benchmark) call :func:`reuse_freed_memory` at start-up, and a Python user
-may call it once.
+The price: the heap fragments (a 1600x1200 pair peaked at 4.0 instead of 3.1 GB in that comparison; 3.5 GB
+since the coarse matcher's second pass became one matrix product) and stays at its peak size. The setting is
+process-wide, so the library never applies it on its own: the command-line tools (demo, match_pairs,
+evaluation, benchmark) call :func:`reuse_freed_memory` at start-up, and a Python user may call it once.
 """
 
 from __future__ import annotations

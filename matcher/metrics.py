@@ -383,3 +383,16 @@ def homography_match_accuracy(
     dist = np.linalg.norm(warp_points(H_gt, kpts0) - kpts1, axis=1)
     correct = np.nan_to_num(dist, nan=np.inf) < thr_px
     return (float(correct.mean()) if len(correct) else 0.0), correct
+
+
+def matches_kept(ref0: np.ndarray, ref1: np.ndarray, new0: np.ndarray, new1: np.ndarray, tol: float = 1.0) -> float:
+    """Share of reference matches (ref0[i], ref1[i]) that another run reproduces: some new match has both
+    keypoints within ``tol`` px (max-norm). 1.0 when the reference has no matches. Used to compare a faster
+    or lower-precision path (Winograd, autocast, a GPU) with the reference path."""
+    if len(ref0) == 0:
+        return 1.0
+    if len(new0) == 0:
+        return 0.0
+    d0 = np.abs(ref0[:, None, :] - new0[None, :, :]).max(-1)
+    d1 = np.abs(ref1[:, None, :] - new1[None, :, :]).max(-1)
+    return float(((d0 <= tol) & (d1 <= tol)).any(1).mean())

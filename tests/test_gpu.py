@@ -15,6 +15,7 @@ import torch
 
 from matcher import Matcher
 from matcher.attention import quadtree_attention
+from matcher.metrics import matches_kept
 
 from .test_attention import _pyramids
 
@@ -26,14 +27,7 @@ CUDA = torch.device("cuda")
 
 def _kept_within_1px(ref: dict, new: dict) -> float:
     """Share of ``ref``'s matches that ``new`` has too, both keypoints within 1 px."""
-    if len(ref["keypoints0"]) == 0:
-        return 1.0
-    ref_pts = np.concatenate([ref["keypoints0"], ref["keypoints1"]], 1).astype(np.float64)
-    new_pts = np.concatenate([new["keypoints0"], new["keypoints1"]], 1).astype(np.float64)
-    if len(new_pts) == 0:
-        return 0.0
-    dist = np.abs(ref_pts[:, None, :] - new_pts[None, :, :]).max(-1)
-    return float((dist.min(1) <= 1.0).mean())
+    return matches_kept(ref["keypoints0"], ref["keypoints1"], new["keypoints0"], new["keypoints1"])
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from matcher.metrics import (
     homography_auc,
     homography_corner_error,
     homography_match_accuracy,
+    matches_kept,
     normalize_keypoints,
     pose_auc,
     pose_error,
@@ -284,3 +285,15 @@ def test_homography_match_accuracy() -> None:
     assert correct.tolist() == [True, True, False, True] and share == pytest.approx(0.75)
     share, correct = homography_match_accuracy(np.zeros((0, 2)), np.zeros((0, 2)), H_shift)
     assert share == 0.0 and correct.shape == (0,)
+
+
+def test_matches_kept_counts_reference_matches_found_within_tolerance():
+    ref0 = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]])
+    ref1 = ref0 + 5.0
+    new0 = np.array([[10.4, 9.7], [20.0, 20.0], [30.0, 30.0], [99.0, 99.0]])
+    new1 = np.array([[15.3, 15.9], [26.5, 25.0], [35.0, 35.0], [45.0, 45.0]])
+    # match 0: both within 1 px; match 1: image1 point 1.5 px off; match 2: exact; match 3: image0 point far
+    assert matches_kept(ref0, ref1, new0, new1, tol=1.0) == pytest.approx(0.5)
+    assert matches_kept(ref0, ref1, new0, new1, tol=2.0) == pytest.approx(0.75)
+    assert matches_kept(ref0[:0], ref1[:0], new0, new1) == 1.0
+    assert matches_kept(ref0, ref1, new0[:0], new1[:0]) == 0.0

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from .chunking import ChunkedOutputs, chunk_slices
+from .quadtree_triton import fused_refine_available, fused_refine_b
+
+#: Implementations of QuadTree's refine levels: ``auto`` takes the fused Triton kernel for variant B
+#: inference on CUDA when triton is installed, else PyTorch; ``torch`` / ``triton`` force one.
+KERNELS = ("auto", "torch", "triton")
 
 
 def _neg_fill(dtype: torch.dtype) -> float:
@@ -211,15 +216,15 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
     return outputs.result()
 
 
-def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, child_table: torch.Tensor,
-                  topk: int, scale: float, variant: str, select: bool):
+def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, parent_hw: tuple[int, int],
+                  topk: int, scale: float, variant: str, select: bool, fused: bool = False):
     """One finer level in chunks of parents: attention over the children of the keys each parent selected.
 
     ``qc (B, H, P, 4, D)`` queries grouped by parent, ``k_blocks, v_blocks (B, H, M, 4, D)`` and
     ``valid_blocks (B, H, M, 4, 1) | None`` keys grouped by parent key, ``parent_idx (B, H, P, K)`` into the
-    parent key grid, ``parent_scores (B, H, P, K) | None`` (variant A), ``child_table`` of the parent key
-    grid (:func:`_child_table`) ->
+    parent key grid of size ``parent_hw``, ``parent_scores (B, H, P, K) | None`` (variant A) ->
     message ``(B, H, P, 4, D)``, selected key indices (this level's grid) and weights ``(B, H, P, 4, K')``.
+    ``fused``: variant B through the Triton kernel (:func:`fused_refine_b`; weights are then None).
 
     Chunks follow the flattened (B, H, P) order, so a chunk reads the key table of one head.
     """
@@ -231,6 +236,12 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     queries, scores = qc.reshape(-1, 4, d), None if parent_scores is None else parent_scores.reshape(-1, k)
     k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
     valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
+    as_groups = lambda t: None if t is None else t.view(b, nh, num_parents, *t.shape[1:])  # noqa: E731
+    if fused:
+        msg, chosen = fused_refine_b(queries, k_table, v_table, valid_table, table_idx, local_idx, parent_hw[1],
+                                     topk, scale, select)
+        return as_groups(msg), as_groups(chosen), None
+    child_table = _child_table(parent_hw, qc.device)
     total = local_idx.shape[0]
     outputs = ChunkedOutputs(total, dim=0)
     for sl in _chunks(total, 4 * k * d * qc.element_size(), qc.device):
@@ -246,7 +257,25 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
         msg, top_pos, top_scores = _select_and_message(attn, _gather_rows(v_table, rows, d), topk, variant, select)
         chosen = None if top_pos is None else _selected_children(local_idx[sl], top_pos, child_table)
         outputs.add((msg, chosen, top_scores), sl)
-    return tuple(None if t is None else t.view(b, nh, num_parents, *t.shape[1:]) for t in outputs.result())
+    return tuple(as_groups(t) for t in outputs.result())
+
+
+def _use_fused_kernel(kernel: str, variant: str, tensors: list[torch.Tensor]) -> bool:
+    """Whether the refine levels run through the fused Triton kernel (see :data:`KERNELS`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "torch":
+        return False
+    first = tensors[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    possible = variant == "B" and not needs_grad and fused_refine_available(first)
+    if kernel == "triton" and not possible:
+        raise ValueError(
+            "the Triton QuadTree kernel needs variant B, no gradient, triton installed, float32 / float16 / "
+            "bfloat16 tokens with a power-of-two head width, and a CUDA device (or TRITON_INTERPRET=1); got "
+            f"variant {variant}, {first.dtype} on {first.device.type}"
+        )
+    return possible and (kernel == "triton" or first.device.type == "cuda")
 
 
 def quadtree_attention(
@@ -258,6 +287,7 @@ def quadtree_attention(
     level_weights: torch.Tensor | None = None,
     key_masks: list[torch.Tensor | None] | None = None,
     return_selection: bool = False,
+    kernel: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """QuadTree attention (Tang et al., ICLR 2022) over token pyramids.
 
@@ -280,6 +310,8 @@ def quadtree_attention(
         return_selection: also return the selected key indices per level (coarsest first), each
             ``(B, nhead, N_l, K_l)`` with indices into that level's flattened key grid, in no particular
             order (an unsorted top-k is faster, and the next level does not depend on the order).
+        kernel: refine-level implementation, one of :data:`KERNELS`. The fused Triton kernel has no
+            backward pass, so ``auto`` takes it only when no gradient is needed.
     Returns:
         ``(B, nhead, h_0 * w_0, D)`` messages for the finest queries (and the selections).
     """
@@ -290,6 +322,7 @@ def quadtree_attention(
         raise ValueError("variant B needs level_weights of one entry per level")
     if key_masks is None:
         key_masks = [None] * num_levels
+    fused = _use_fused_kernel(kernel, variant, queries + keys + values)
     scale = queries[0].shape[-1] ** -0.5
     mix = None
     if variant == "B":  # softmax in at least float32, then in the tokens' dtype
@@ -314,7 +347,7 @@ def quadtree_attention(
                 valid_blocks = _grid_to_blocks(kmask[:, None, :, :, None].expand(-1, nh, -1, -1, -1))
             msg, idx, scores = _refine_level(
                 _grid_to_blocks(q), _grid_to_blocks(k), _grid_to_blocks(v), valid_blocks, idx, scores,
-                _child_table((hk // 2, wk // 2), q.device), topk, scale, variant, select,
+                (hk // 2, wk // 2), topk, scale, variant, select, fused,
             )
             if mix is not None:
                 msg = msg * mix[step]

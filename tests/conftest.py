@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_quadtree_triton.py). The variable
+# must be set before triton is first imported: triton's own library functions are wrapped at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chunking import ChunkedOutputs, chunk_slices
+from .matching_triton import combine_column_lse, log_confidence_maxima, similarity_log_sum_exps, use_matching_kernels
 
 
 def dual_softmax(
@@ -98,6 +99,11 @@ def dense_matching_limit(device: torch.device) -> int:
 MATCHING_CHUNK_ENTRIES = 1 << 22
 GPU_MATCHING_CHUNK_ENTRIES = 1 << 26
 
+#: With the Triton kernels (GPU) each chunk's similarity is computed once and read twice by the kernels, so
+#: a pair that fits in one chunk needs one matrix product: 512M entries (2 GB in float32) hold 1152x1152
+#: (20,736 x 20,736 tokens); larger pairs compute each chunk's product twice.
+FUSED_MATCHING_CHUNK_ENTRIES = 1 << 29
+
 
 def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled similarity of the query rows ``rows`` ``(B, r, L1)`` and their invalid entries (or None)."""
@@ -154,6 +160,7 @@ def chunked_mutual_nearest_matches(
     mask0: torch.Tensor | None = None,
     mask1: torch.Tensor | None = None,
     max_entries: int | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dual_softmax` followed by :func:`mutual_nearest_matches`, without the ``(B, L0, L1)`` matrix.
 
@@ -165,13 +172,21 @@ def chunked_mutual_nearest_matches(
     of a product and three passes over the chunk. Memory is O(chunk x L1) instead of O(L0 x L1); same
     outputs as the dense pair (up to float rounding). ``max_entries`` defaults to
     :data:`MATCHING_CHUNK_ENTRIES` on CPU and :data:`GPU_MATCHING_CHUNK_ENTRIES` elsewhere.
+
+    ``kernel`` (:func:`use_matching_kernels`): ``auto`` runs both passes as Triton kernels on CUDA, over a
+    similarity computed once per chunk (chunks of :data:`FUSED_MATCHING_CHUNK_ENTRIES`); ``torch`` /
+    ``triton`` force a path.
     """
+    fused = use_matching_kernels(feat0, kernel)
     if max_entries is None:
         max_entries = MATCHING_CHUNK_ENTRIES if feat0.device.type == "cpu" else GPU_MATCHING_CHUNK_ENTRIES
+        max_entries = FUSED_MATCHING_CHUNK_ENTRIES if fused else max_entries
     b, l0, c = feat0.shape
     scale = 1.0 / (c * temperature)
     step = max(1, max_entries // max(1, b * feat1.shape[1]))
     chunks = chunk_slices(l0, step)
+    if fused:
+        return _fused_mutual_nearest_matches(feat0, feat1, scale, chunks, thr, border, hw0, hw1, mask0, mask1)
     row_lse, col_lse = ChunkedOutputs(l0, dim=1), None
     for rows in chunks:
         sim, _ = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
@@ -189,6 +204,37 @@ def chunked_mutual_nearest_matches(
             log_conf.masked_fill_(invalid, float("-inf"))
         best.add(log_conf.max(dim=2), rows)
         part = log_conf.amax(dim=1)
+        col_best = part if col_best is None else torch.maximum(col_best, part)
+    row_best, j_best = best.result()
+    return _select_mutual(row_best.exp(), j_best, col_best.exp(), thr, border, hw0, hw1, mask0, mask1)
+
+
+def _fused_mutual_nearest_matches(
+    feat0: torch.Tensor, feat1: torch.Tensor, scale: float, chunks: list[slice], thr: float, border: int,
+    hw0: tuple[int, int], hw1: tuple[int, int], mask0: torch.Tensor | None, mask1: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_mutual_nearest_matches` with each pass one Triton kernel over a chunk's float32
+    similarity (:mod:`matcher.matching_triton`); a single chunk's similarity is kept for the second pass."""
+    def similarity(rows: slice) -> torch.Tensor:
+        with torch.autocast(feat0.device.type, enabled=False):  # as the PyTorch path's second pass: float32
+            return _chunk_similarity(feat0.float(), feat1.float(), scale, rows, mask0, mask1)[0]
+
+    kept = None
+    row_lse, col_parts = ChunkedOutputs(feat0.shape[1], dim=1), []
+    for rows in chunks:
+        sim = similarity(rows)
+        lse, col_max, col_sum = similarity_log_sum_exps(sim)
+        row_lse.add((lse,), rows)
+        col_parts.append((col_max, col_sum))
+        kept = sim if len(chunks) == 1 else None
+    (row_lse,) = row_lse.result()
+    col_lse = combine_column_lse(*(torch.cat(parts, dim=1) for parts in zip(*col_parts)))
+    best, col_best = ChunkedOutputs(feat0.shape[1], dim=1), None
+    for rows in chunks:
+        sim = kept if kept is not None else similarity(rows)
+        row_valid = None if mask0 is None else mask0[:, rows]
+        row_best, j_best, part = log_confidence_maxima(sim, row_lse[:, rows], col_lse, row_valid, mask1)
+        best.add((row_best, j_best), rows)
         col_best = part if col_best is None else torch.maximum(col_best, part)
     row_best, j_best = best.result()
     return _select_mutual(row_best.exp(), j_best, col_best.exp(), thr, border, hw0, hw1, mask0, mask1)

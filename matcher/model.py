@@ -18,6 +18,7 @@ from .image_io import ImageLike, load_gray, resize_long_side
 from .matching import FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dense_matching_limit, dual_softmax
 from .matching import mutual_nearest_matches, pad_with_ground_truth
 from .matching import window_expectation
+from .matching_triton import use_matching_kernels
 from .position_encoding import sine_position_encoding
 from .transformer import LocalFeatureTransformer
 from .weights import load_strict, read_state_dict
@@ -74,7 +75,7 @@ class Matcher(nn.Module):
         self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(
-            c.d_model, c.nhead, list(c.layer_names), c.attention, c.attn_type, list(c.topks), c.mlp_ratio
+            c.d_model, c.nhead, list(c.layer_names), c.attention, c.attn_type, list(c.topks), c.mlp_ratio, c.kernel
         )
         self.fine_preprocess = FinePreprocess(c.d_model, cfg.fine.d_model, cfg.fine_window_size, cfg.fine_concat_coarse_feat)
         f = cfg.fine
@@ -158,12 +159,14 @@ class Matcher(nn.Module):
         mc = cfg.match_coarse
         fm0, fm1 = (None if m is None else m.flatten(1) for m in (mask0, mask1))
         conf = None
-        if internals or self.training or t0.shape[0] * t0.shape[1] * t1.shape[1] <= dense_matching_limit(t0.device):
+        small = t0.shape[0] * t0.shape[1] * t1.shape[1] <= dense_matching_limit(t0.device)
+        if internals or self.training or (small and not use_matching_kernels(t0, cfg.coarse.kernel)):
             conf = dual_softmax(t0, t1, mc.dsmax_temperature, fm0, fm1)
         with torch.no_grad():
             if conf is None:  # large inference pairs: never build the (B, L0, L1) matrix
                 b_ids, i_ids, j_ids, mconf = chunked_mutual_nearest_matches(
-                    t0, t1, mc.dsmax_temperature, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1
+                    t0, t1, mc.dsmax_temperature, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1,
+                    kernel=cfg.coarse.kernel,
                 )
             else:
                 b_ids, i_ids, j_ids, mconf = mutual_nearest_matches(conf, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1)

@@ -114,14 +114,16 @@ def sample_pair(hw: tuple[int, int], device: str) -> tuple[torch.Tensor, torch.T
     return images[0], images[1]
 
 
-def build_ours(config: str, device: str, seed: int = 0) -> torch.nn.Module:
+def build_ours(config: str, device: str, seed: int = 0, kernel: str = "auto") -> torch.nn.Module:
     """Seeded random weights; coarse threshold 0 so that every mutual nearest neighbour is a match and the
-    fine stage does the work it does with trained weights (random weights give no confident matches)."""
+    fine stage does the work it does with trained weights (random weights give no confident matches).
+    ``kernel``: the coarse stage's Triton kernels (auto: on CUDA when installed) or ``torch``."""
     from matcher import Matcher, load_config
 
     torch.manual_seed(seed)
     cfg = load_config(config)
     cfg.match_coarse.thr = 0.0
+    cfg.coarse.kernel = kernel
     return Matcher(cfg).eval().to(device)
 
 
@@ -304,14 +306,20 @@ def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, 
     """Pairs per second of ours (quadtree_b_indoor) and kornia LoFTR per image size, in fp32 and under each
     autocast dtype, all configurations of one size interleaved; on CUDA also each one's peak memory (one
     more run each). A configuration that fails (an autocast kernel a GPU lacks, out of memory) is reported
-    with its error instead of stopping the section."""
+    with its error instead of stopping the section. Where ours runs Triton kernels (CUDA with triton), ours
+    with the PyTorch paths only (``ours_pytorch``, fp32) is timed beside it."""
+    from matcher.triton_support import kernel_device
+
     models = {"ours": build_ours("quadtree_b_indoor", device), "kornia_loftr": build_kornia(device)}
+    dtypes = {"ours": (None, *autocasts), "kornia_loftr": (None, *autocasts)}
+    if device.startswith("cuda") and kernel_device(torch.empty(0, device=device)):
+        models["ours_pytorch"], dtypes["ours_pytorch"] = build_ours("quadtree_b_indoor", device, kernel="torch"), (None,)
     result: dict[str, Any] = {}
     for hw in sizes:
         x0, x1 = sample_pair(hw, device)
         fns, matches, errors, peaks = {}, {}, {}, {}
         for name, model in models.items():
-            for dtype in (None, *autocasts):
+            for dtype in dtypes[name]:
                 key = f"{name}_{_dtype_name(dtype)}"
                 fn = lambda model=model, dtype=dtype: run_pair(model, x0, x1, dtype)  # noqa: E731
                 try:

@@ -31,8 +31,8 @@ def use_matching_kernels(x: torch.Tensor, kernel: str = "auto") -> bool:
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
     if kernel == "triton" and not kernel_device(x):
-        raise ValueError(f"the Triton matching kernels need triton and a CUDA device (or TRITON_INTERPRET=1); "
-                         f"got {x.dtype} on {x.device.type}")
+        raise ValueError(f"the Triton matching kernels need triton, a CUDA device (or TRITON_INTERPRET=1), a "
+                         f"float32 / float16 / bfloat16 input and no tracing; got {x.dtype} on {x.device.type}")
     return kernel == "triton" or (kernel == "auto" and x.device.type == "cuda" and kernel_device(x))
 
 

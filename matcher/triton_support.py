@@ -31,6 +31,8 @@ def interpreting() -> bool:
 
 
 def kernel_device(x: torch.Tensor) -> bool:
-    """Whether a Triton kernel can run on ``x``: triton installed, a kernel dtype, and a CUDA tensor (or any
-    tensor under the interpreter)."""
-    return triton is not None and x.dtype in KERNEL_DTYPES and (x.device.type == "cuda" or interpreting())
+    """Whether a Triton kernel can run on ``x``: triton installed, a kernel dtype, a CUDA tensor (or any
+    tensor under the interpreter), and no tracing (an ONNX export cannot hold a Triton kernel)."""
+    if triton is None or x.dtype not in KERNEL_DTYPES or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return x.device.type == "cuda" or interpreting()

@@ -90,3 +90,13 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="Triton matching kernels need"):
         mt.use_matching_kernels(x, "triton")
+
+
+def test_no_kernels_while_tracing(device, monkeypatch):
+    """An ONNX export traces the PyTorch paths: a Triton kernel cannot be part of the graph."""
+    x = torch.zeros(2, 3, device=device)
+    assert mt.use_matching_kernels(x, "triton")
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert not mt.use_matching_kernels(x)
+    with pytest.raises(ValueError, match="Triton matching kernels need"):
+        mt.use_matching_kernels(x, "triton")

@@ -11,10 +11,7 @@ import torch.nn.functional as F
 
 from .chunking import ChunkedOutputs, chunk_slices
 from .quadtree_triton import fused_refine_available, fused_refine_b
-
-#: Implementations of QuadTree's refine levels: ``auto`` takes the fused Triton kernel for variant B
-#: inference on CUDA when triton is installed, else PyTorch; ``torch`` / ``triton`` force one.
-KERNELS = ("auto", "torch", "triton")
+from .triton_support import use_kernel
 
 
 def _neg_fill(dtype: torch.dtype) -> float:
@@ -261,22 +258,18 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
 
 
 def _use_fused_kernel(kernel: str, variant: str, tensors: list[torch.Tensor]) -> bool:
-    """Whether the refine levels run through the fused Triton kernel (see :data:`KERNELS`)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "torch":
-        return False
+    """Whether the refine levels run through the fused Triton kernel (``kernel`` as in
+    :data:`~matcher.triton_support.KERNELS`: ``auto`` takes it for variant B inference on CUDA when triton is
+    installed)."""
     first = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     possible = variant == "B" and not needs_grad and fused_refine_available(first)
-    if kernel == "triton" and not possible:
-        raise ValueError(
-            "the Triton QuadTree kernel needs variant B, no gradient, triton installed, float32 / float16 / "
-            "bfloat16 tokens with a power-of-two head width, a CUDA device (or TRITON_INTERPRET=1) and no "
-            "tracing; got "
-            f"variant {variant}, {first.dtype} on {first.device.type}"
-        )
-    return possible and (kernel == "triton" or first.device.type == "cuda")
+    requirements = (
+        "the Triton QuadTree kernel needs variant B, no gradient, triton installed, float32 / float16 / bfloat16 "
+        "tokens with a power-of-two head width, a CUDA device (or TRITON_INTERPRET=1) and no tracing; got "
+        f"variant {variant}, {first.dtype} on {first.device.type}"
+    )
+    return use_kernel(kernel, possible, first.device, requirements)
 
 
 def quadtree_attention(
@@ -311,8 +304,8 @@ def quadtree_attention(
         return_selection: also return the selected key indices per level (coarsest first), each
             ``(B, nhead, N_l, K_l)`` with indices into that level's flattened key grid, in no particular
             order (an unsorted top-k is faster, and the next level does not depend on the order).
-        kernel: refine-level implementation, one of :data:`KERNELS`. The fused Triton kernel has no
-            backward pass, so ``auto`` takes it only when no gradient is needed.
+        kernel: refine-level implementation, one of :data:`~matcher.triton_support.KERNELS`. The fused
+            Triton kernel has no backward pass, so ``auto`` takes it only when no gradient is needed.
     Returns:
         ``(B, nhead, h_0 * w_0, D)`` messages for the finest queries (and the selections).
     """

@@ -10,11 +10,9 @@ the bands afterwards (a small tensor).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .triton_support import constexpr, interpreting, kernel_device, triton, tl
+from .triton_support import constexpr, jit_kernel, kernel_device, triton, tl, use_kernel
 
 #: Rows per program and columns per step of both kernels.
 BLOCK_ROWS = 32
@@ -28,12 +26,9 @@ _NEG_FLOAT_MIN = -3.4028234663852886e38 if tl is None else tl.constexpr(-3.40282
 def use_matching_kernels(x: torch.Tensor, kernel: str = "auto") -> bool:
     """Whether coarse matching of tokens like ``x`` runs through these kernels: ``auto`` on CUDA when triton
     is installed, ``triton`` wherever they can run (CPU under the interpreter), ``torch`` never."""
-    if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"kernel must be 'auto', 'torch' or 'triton', got {kernel!r}")
-    if kernel == "triton" and not kernel_device(x):
-        raise ValueError(f"the Triton matching kernels need triton, a CUDA device (or TRITON_INTERPRET=1), a "
-                         f"float32 / float16 / bfloat16 input and no tracing; got {x.dtype} on {x.device.type}")
-    return kernel == "triton" or (kernel == "auto" and x.device.type == "cuda" and kernel_device(x))
+    requirements = ("the Triton matching kernels need triton, a CUDA device (or TRITON_INTERPRET=1), a float32 / "
+                    f"float16 / bfloat16 input and no tracing; got {x.dtype} on {x.device.type}")
+    return use_kernel(kernel, kernel_device(x), x.device, requirements)
 
 
 def _lse_pass(sim_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr, rows_total, cols_total, bands,
@@ -103,12 +98,6 @@ def _best_pass(sim_ptr, row_lse_ptr, col_lse_ptr, row_valid_ptr, col_valid_ptr, 
     tl.store(row_arg_ptr + b * rows_total + rows, arg, mask=row_in)
 
 
-@functools.lru_cache(maxsize=4)
-def _kernels(interpret: bool):
-    # compiled (or interpreted) on first use: triton.jit reads TRITON_INTERPRET when it wraps the function
-    return triton.jit(_lse_pass), triton.jit(_best_pass)
-
-
 def _bands(rows: int) -> int:
     return triton.cdiv(rows, BLOCK_ROWS)
 
@@ -123,7 +112,7 @@ def similarity_log_sum_exps(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     col_max = torch.empty(b, bands, l1, dtype=torch.float32, device=sim.device)
     col_sum = torch.empty_like(col_max)
     if r and l1:
-        _kernels(interpreting())[0][(bands, b)](
+        jit_kernel(_lse_pass)[(bands, b)](
             sim, row_lse, col_max, col_sum, r, l1, bands, BR=BLOCK_ROWS, BC=BLOCK_COLS, num_warps=NUM_WARPS
         )
     return row_lse, col_max, col_sum
@@ -152,7 +141,7 @@ def log_confidence_maxima(
     col_best = torch.full((b, bands, l1), float("-inf"), dtype=torch.float32, device=sim.device)
     if r and l1:
         flag = lambda m: sim if m is None else m.contiguous().view(torch.int8)  # noqa: E731  (sim: unused pointer)
-        _kernels(interpreting())[1][(bands, b)](
+        jit_kernel(_best_pass)[(bands, b)](
             sim, row_lse.float().contiguous(), col_lse.float().contiguous(), flag(row_valid), flag(col_valid),
             row_best, row_arg, col_best, r, l1, bands, BR=BLOCK_ROWS, BC=BLOCK_COLS,
             HAS_ROW_MASK=row_valid is not None, HAS_COL_MASK=col_valid is not None, num_warps=NUM_WARPS,

@@ -9,11 +9,9 @@ writes only the message and the selected keys. The PyTorch path stays the refere
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .triton_support import constexpr, interpreting, kernel_device, triton, tl
+from .triton_support import constexpr, jit_kernel, kernel_device, triton, tl
 
 
 def fused_refine_available(x: torch.Tensor) -> bool:
@@ -77,12 +75,6 @@ def _refine_b(
             work = tl.where(cand[None, :] == pos[:, None], -2.0, work)
 
 
-@functools.lru_cache(maxsize=2)
-def _kernel(interpret: bool):
-    # compiled (or interpreted) on first use: triton.jit reads TRITON_INTERPRET when it wraps the function
-    return triton.jit(_refine_b)
-
-
 #: Head channels per step of the fused kernel's products (bounds its register use) and warps per program:
 #: the fastest on an H100 at 144x144 tokens (2.72 ms per layer call vs 2.89-3.08 for 4/16 channels or 2 warps).
 HEAD_SLICE = 8
@@ -126,7 +118,7 @@ def fused_refine_b(
     if groups == 0:
         return message, chosen if select else None
     valid = qc if valid_table is None else valid_table.contiguous().view(torch.int8)  # qc: an unused pointer
-    _kernel(interpreting())[(groups,)](
+    jit_kernel(_refine_b)[(groups,)](
         qc.contiguous(), k_table.contiguous(), v_table.contiguous(), valid, table_rows.contiguous(),
         parent_idx.contiguous(), message, chosen, float(scale), int(parent_w), int(k),
         D=d, DC=min(HEAD_SLICE, d), KP=triton.next_power_of_2(k), KSEL=ksel, SELECT=select,

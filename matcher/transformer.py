@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KERNELS, full_attention, linear_attention, pool_levels, quadtree_attention
+from .attention import full_attention, linear_attention, pool_levels, quadtree_attention
+from .triton_support import check_kernel_choice
 
 
 def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
@@ -102,8 +103,7 @@ class QuadtreeAttention(nn.Module):
 
     def __init__(self, dim: int, nhead: int, topks: list[int], variant: str = "B", kernel: str = "auto") -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        check_kernel_choice(kernel)
         self.nhead, self.topks, self.variant, self.kernel = nhead, list(topks), variant, kernel
         self.num_levels = len(topks)
         self.q_proj = nn.Conv2d(dim, dim, 1, bias=False)

@@ -7,6 +7,7 @@ Triton's interpreter (slowly): that is how the tests check them on machines with
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,3 +37,33 @@ def kernel_device(x: torch.Tensor) -> bool:
     if triton is None or x.dtype not in KERNEL_DTYPES or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     return x.device.type == "cuda" or interpreting()
+
+
+#: How a stage that has a Triton kernel runs: ``auto`` (the kernel on CUDA where it can run there, else
+#: PyTorch), ``torch`` or ``triton`` (forced; an error where it cannot run).
+KERNELS = ("auto", "torch", "triton")
+
+
+def check_kernel_choice(kernel: str) -> None:
+    """One clear error for a ``kernel`` setting outside :data:`KERNELS`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def use_kernel(kernel: str, possible: bool, device: torch.device, requirements: str) -> bool:
+    """Whether a stage runs its Triton kernel under the setting ``kernel`` (:data:`KERNELS`); ``possible``:
+    whether the kernel can run on these inputs, ``requirements``: the error for a forced one that cannot."""
+    check_kernel_choice(kernel)
+    if kernel == "triton" and not possible:
+        raise ValueError(requirements)
+    return possible and (kernel == "triton" or (kernel == "auto" and device.type == "cuda"))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(fn, interpret: bool):
+    return triton.jit(fn)
+
+
+def jit_kernel(fn):
+    """``triton.jit(fn)``, made on first use and cached: triton.jit reads TRITON_INTERPRET when it wraps."""
+    return _jit(fn, interpreting())

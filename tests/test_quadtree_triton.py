@@ -24,7 +24,7 @@ def device() -> torch.device:
     """Where the kernel runs: the GPU, else the CPU through the interpreter."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if not qt.interpreting():
+    if not matcher.triton_support.interpreting():
         pytest.skip("no GPU and TRITON_INTERPRET is not set")
     return torch.device("cpu")
 

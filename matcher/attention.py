@@ -214,14 +214,13 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
 
 
 def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, parent_hw: tuple[int, int],
-                  topk: int, scale: float, variant: str, select: bool, fused: bool = False):
+                  topk: int, scale: float, variant: str, select: bool):
     """One finer level in chunks of parents: attention over the children of the keys each parent selected.
 
     ``qc (B, H, P, 4, D)`` queries grouped by parent, ``k_blocks, v_blocks (B, H, M, 4, D)`` and
     ``valid_blocks (B, H, M, 4, 1) | None`` keys grouped by parent key, ``parent_idx (B, H, P, K)`` into the
     parent key grid of size ``parent_hw``, ``parent_scores (B, H, P, K) | None`` (variant A) ->
     message ``(B, H, P, 4, D)``, selected key indices (this level's grid) and weights ``(B, H, P, 4, K')``.
-    ``fused``: variant B through the Triton kernel (:func:`fused_refine_b`; weights are then None).
 
     Chunks follow the flattened (B, H, P) order, so a chunk reads the key table of one head.
     """
@@ -234,10 +233,6 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
     valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
     as_groups = lambda t: None if t is None else t.view(b, nh, num_parents, *t.shape[1:])  # noqa: E731
-    if fused:
-        msg, chosen = fused_refine_b(queries, k_table, v_table, valid_table, table_idx, local_idx, parent_hw[1],
-                                     topk, scale, select)
-        return as_groups(msg), as_groups(chosen), None
     child_table = _child_table(parent_hw, qc.device)
     total = local_idx.shape[0]
     outputs = ChunkedOutputs(total, dim=0)
@@ -335,13 +330,15 @@ def quadtree_attention(
             message, idx, scores = _coarsest_level(flat(q), flat(k), flat(v), kvalid, topk, scale, variant, select)
             if mix is not None:
                 message = message * mix[0]
+        elif fused:  # this level's message, mixed and added to the parents' in one kernel, in grid order
+            message, idx = fused_refine_b(q, k, v, kmask, idx, message, mix[step], topk, scale, select)
         else:
             valid_blocks = None
             if kmask is not None:
                 valid_blocks = _grid_to_blocks(kmask[:, None, :, :, None].expand(-1, nh, -1, -1, -1))
             msg, idx, scores = _refine_level(
                 _grid_to_blocks(q), _grid_to_blocks(k), _grid_to_blocks(v), valid_blocks, idx, scores,
-                (hk // 2, wk // 2), topk, scale, variant, select, fused,
+                (hk // 2, wk // 2), topk, scale, variant, select,
             )
             if mix is not None:
                 msg = msg * mix[step]

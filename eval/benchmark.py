@@ -93,12 +93,18 @@ def check_target(value: float | None, op: str, bound: float) -> str:
     return "met" if ok else "not met"
 
 
-def matmul_gflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+def matmul_gflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5, tf32: bool = False) -> float:
     """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs), best of ``repeats``: the rate the machine can reach
-    (noise only ever slows a run down)."""
+    (noise only ever slows a run down). ``tf32``: float32 matmuls on CUDA tensor cores in TF32, the
+    precision cuDNN uses for float32 convolutions by default."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    best = min(interleaved_times({"mm": lambda: a @ b}, repeats, device)["mm"])
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        best = min(interleaved_times({"mm": lambda: a @ b}, repeats, device)["mm"])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     return 2 * n**3 / best / 1e9
 
 
@@ -160,6 +166,12 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         layer, inputs = attention_layer(tuple(spec["grid"]), device)
         fn = lambda: attention_forward(layer, spec["model"], tuple(spec["grid"]), *inputs)  # noqa: E731
+    first_seconds = None
+    if device.startswith("cuda"):  # the first pair compiles the Triton kernels for its sizes: timed apart
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        first_seconds = time.perf_counter() - start
     before = resident_mb()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -173,7 +185,8 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         peak = peak_resident_mb() - before
     matches = len(out["keypoints0"]) if isinstance(out, dict) else None
-    return {"seconds": seconds, "peak_mb": peak, "process_peak_mb": peak_resident_mb(), "matches": matches}
+    return {"seconds": seconds, "first_seconds": first_seconds, "peak_mb": peak, "process_peak_mb": peak_resident_mb(),
+            "matches": matches}
 
 
 def _status_mb(field: str) -> float:
@@ -369,10 +382,18 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
 STAGES = ("backbone", "loftr_coarse", "fine_preprocess", "loftr_fine")
 
 
-def section_flops(hw: tuple[int, int], device: str, repeats: int, rate_gflops: float) -> dict:
+def stage_reference_rates(device: str, rates: dict[str, float]) -> dict[str, str]:
+    """Which measured matmul rate (a key of ``rates``) each stage is compared with: the float32 one, except
+    the backbone on CUDA when cuDNN runs float32 convolutions in TF32 (its default) and a TF32 rate was
+    measured."""
+    conv_tf32 = device.startswith("cuda") and torch.backends.cudnn.allow_tf32 and "tf32" in rates
+    return {s: "tf32" if s == "backbone" and conv_tf32 else "fp32" for s in (*STAGES, "other")}
+
+
+def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[str, float]) -> dict:
     """FLOPs per stage (torch FlopCounterMode), time per stage (module hooks), achieved GFLOP/s and its share
-    of the measured matmul rate. 'other' = everything outside the four modules (position encoding, dual
-    softmax and mutual nearest neighbours, window expectation)."""
+    of the measured matmul rate (``rates``, by :func:`stage_reference_rates`). 'other' = everything outside
+    the four modules (position encoding, dual softmax and mutual nearest neighbours, window expectation)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_ours("quadtree_b_indoor", device)
@@ -408,9 +429,10 @@ def section_flops(hw: tuple[int, int], device: str, repeats: int, rate_gflops: f
     per_stage = {s: seconds[s] / repeats for s in STAGES}
     per_stage["other"] = max(total_s - sum(per_stage.values()), 0.0)
     rows = []
-    for s in (*STAGES, "other"):
+    for s, ref in stage_reference_rates(device, rates).items():
         achieved = flops[s] / per_stage[s] / 1e9 if per_stage[s] > 0 else float("nan")
-        rows.append({"stage": s, "gflop": flops[s] / 1e9, "seconds": per_stage[s], "gflops": achieved, "share_of_matmul_rate": achieved / rate_gflops})
+        rows.append({"stage": s, "gflop": flops[s] / 1e9, "seconds": per_stage[s], "gflops": achieved,
+                     "reference_rate": ref, "share_of_matmul_rate": achieved / rates[ref]})
     return {"hw": list(hw), "total_gflop": total / 1e9, "total_seconds": total_s, "rows": rows}
 
 
@@ -490,12 +512,15 @@ def render_markdown(results: dict[str, Any]) -> str:
     if "memory" in results:
         mem = results["memory"]
         val = f"{mem['peak_mb'] / 1024:.2f} GB above the loaded model ({mem['process_peak_mb'] / 1024:.2f} GB process peak), {mem['seconds']:.1f} s, {mem['matches']} matches" if "peak_mb" in mem else mem.get("error", "")
+        if mem.get("first_seconds") is not None:
+            val += f" (second pair; the first, which compiles the GPU kernels, took {mem['first_seconds']:.1f} s)"
         lines += [f"## Peak memory, one {mem['hw'][1]}x{mem['hw'][0]} pair, quadtree_b_indoor", "", val, ""]
     if "flops" in results:
         f = results["flops"]
         lines += [f"## FLOPs per stage, quadtree_b_indoor, {f['hw'][1]}x{f['hw'][0]} ({f['total_gflop']:.1f} GFLOP, {f['total_seconds']:.3f} s)", "",
                   "| stage | GFLOP | s | GFLOP/s | % of matmul rate |", "|:---|---:|---:|---:|---:|"]
-        lines += [f"| {r['stage']} | {r['gflop']:.2f} | {r['seconds']:.3f} | {r['gflops']:.1f} | {100 * r['share_of_matmul_rate']:.0f}% |" for r in f["rows"]]
+        lines += [f"| {r['stage']} | {r['gflop']:.2f} | {r['seconds']:.3f} | {r['gflops']:.1f} | "
+                  f"{100 * r['share_of_matmul_rate']:.0f}% ({r.get('reference_rate', 'fp32')}) |" for r in f["rows"]]
         lines.append("")
     if "gpu" in results:
         lines += ["## Pairs per second (autocast for bf16 / fp16)", "",
@@ -575,8 +600,11 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = {"hw": list(hw), **run_child(spec)}
     if "flops" in sections:
         print("FLOPs per stage ...", flush=True)
-        rate = results["matmul_gflops"]["fp32"] = max(results["matmul_gflops"]["fp32"], matmul_gflops(device, torch.float32, n))
-        results["flops"] = section_flops(e2e_hw, device, repeats, rate)
+        rates = results["matmul_gflops"]
+        rates["fp32"] = max(rates["fp32"], matmul_gflops(device, torch.float32, n))
+        if cuda:
+            rates["tf32"] = matmul_gflops(device, torch.float32, n, tf32=True)
+        results["flops"] = section_flops(e2e_hw, device, repeats, rates)
     if "gpu" in sections and cuda:
         print("GPU throughput ...", flush=True)
         results["gpu"] = section_throughput(GPU_SIZES, device, max(repeats, 5), autocasts)

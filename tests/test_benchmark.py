@@ -35,6 +35,21 @@ def test_check_target_and_flop_count_of_a_known_matmul(bench):
     assert counter.get_total_flops() == 2 * 3 * 5 * 7  # what section_flops relies on
 
 
+def test_stage_reference_rates_and_tf32_switch(bench, monkeypatch):
+    """The backbone is compared with the TF32 rate only on CUDA, when cuDNN uses TF32 and that rate exists;
+    measuring a TF32 rate leaves the global matmul setting as it was."""
+    everything_fp32 = {s: "fp32" for s in (*bench.STAGES, "other")}
+    assert bench.stage_reference_rates("cpu", {"fp32": 1.0, "tf32": 2.0}) == everything_fp32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert bench.stage_reference_rates("cuda", {"fp32": 1.0}) == everything_fp32
+    assert bench.stage_reference_rates("cuda", {"fp32": 1.0, "tf32": 2.0}) == {**everything_fp32, "backbone": "tf32"}
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert bench.stage_reference_rates("cuda", {"fp32": 1.0, "tf32": 2.0}) == everything_fp32
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert bench.matmul_gflops("cpu", torch.float32, 64, repeats=1, tf32=not before) > 0
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},
@@ -97,6 +112,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     flops = {r["stage"]: r["gflop"] for r in results["flops"]["rows"]}
     assert flops["backbone"] > flops["loftr_coarse"] > 0
     assert math.isclose(sum(flops.values()), results["flops"]["total_gflop"], rel_tol=1e-6)
+    assert {r["reference_rate"] for r in results["flops"]["rows"]} == {"fp32"}  # no TF32 on CPU
+    assert results["memory"]["first_seconds"] is None  # a warm-up pair only where kernels compile (CUDA)
     md = (tmp_path / "benchmark.md").read_text()
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
 

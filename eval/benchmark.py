@@ -1,5 +1,6 @@
 """Speed and memory benchmark: end to end against kornia LoFTR, QuadTree-B against exact attention, peak
-memory at 1600x1200, FLOPs per stage and how close each stage runs to the machine's matrix-multiply rate.
+memory at 1600x1200, FLOPs per stage and how close each stage runs to the machine's matrix-multiply rate,
+and a profile of one pair of each model (stage times and the costliest kernels or operators).
 
     python eval/benchmark.py                       # CPU, all sections (about 12 minutes on 2 cores)
     python eval/benchmark.py --quick               # tiny sizes, under a minute (used by the tests)
@@ -382,6 +383,37 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
 STAGES = ("backbone", "loftr_coarse", "fine_preprocess", "loftr_fine")
 
 
+class StageTimer:
+    """Seconds of every call of the named submodules of ``model`` while in the ``with`` block (forward hooks
+    that synchronise the device around each call): ``seconds[stage]`` lists them."""
+
+    def __init__(self, model: torch.nn.Module, stages: tuple[str, ...], device: str) -> None:
+        self.modules = {s: getattr(model, s) for s in stages if isinstance(getattr(model, s, None), torch.nn.Module)}
+        self.device = device
+        self.seconds: dict[str, list[float]] = {s: [] for s in self.modules}
+        self._starts: dict[str, float] = {}
+        self._hooks: list = []
+
+    def _start(self, stage: str) -> None:
+        sync(self.device)
+        self._starts[stage] = time.perf_counter()
+
+    def _stop(self, stage: str) -> None:
+        sync(self.device)
+        self.seconds[stage].append(time.perf_counter() - self._starts[stage])
+
+    def __enter__(self) -> "StageTimer":
+        for s, module in self.modules.items():
+            self._hooks.append(module.register_forward_pre_hook(lambda m, a, s=s: self._start(s)))
+            self._hooks.append(module.register_forward_hook(lambda m, a, o, s=s: self._stop(s)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
 def stage_reference_rates(device: str, rates: dict[str, float]) -> dict[str, str]:
     """Which measured matmul rate (a key of ``rates``) each stage is compared with: the float32 one, except
     the backbone on CUDA when cuDNN runs float32 convolutions in TF32 (its default) and a TF32 rate was
@@ -405,28 +437,10 @@ def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[st
     total = sum(counts.get("Global", {}).values())
     flops = {s: sum(v for k, d in counts.items() if k.endswith("." + s) and k.count(".") == 1 for v in d.values()) for s in STAGES}
     flops["other"] = total - sum(flops.values())
-    seconds = {s: 0.0 for s in STAGES}
-    starts: dict[str, float] = {}
-    def start(stage: str) -> None:
-        sync(device)
-        starts[stage] = time.perf_counter()
-
-    def stop(stage: str) -> None:
-        sync(device)
-        seconds[stage] += time.perf_counter() - starts[stage]
-
-    hooks = []
-    for s in STAGES:
-        module = getattr(model, s)
-        hooks.append(module.register_forward_pre_hook(lambda m, a, s=s: start(s)))
-        hooks.append(module.register_forward_hook(lambda m, a, o, s=s: stop(s)))
     run_pair(model, x0, x1)  # warm-up
-    for s in STAGES:
-        seconds[s] = 0.0
-    total_s = median_times({"all": lambda: run_pair(model, x0, x1)}, repeats, device, warmup=0)["all"]
-    for h in hooks:
-        h.remove()
-    per_stage = {s: seconds[s] / repeats for s in STAGES}
+    with StageTimer(model, STAGES, device) as timer:
+        total_s = median_times({"all": lambda: run_pair(model, x0, x1)}, repeats, device, warmup=0)["all"]
+    per_stage = {s: sum(timer.seconds[s]) / repeats for s in STAGES}
     per_stage["other"] = max(total_s - sum(per_stage.values()), 0.0)
     rows = []
     for s, ref in stage_reference_rates(device, rates).items():
@@ -434,6 +448,50 @@ def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[st
         rows.append({"stage": s, "gflop": flops[s] / 1e9, "seconds": per_stage[s], "gflops": achieved,
                      "reference_rate": ref, "share_of_matmul_rate": achieved / rates[ref]})
     return {"hw": list(hw), "total_gflop": total / 1e9, "total_seconds": total_s, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------- profile
+#: Submodules whose time the profile section reports (those a model has): ours runs its coarse matching
+#: outside modules, kornia LoFTR in ``coarse_matching`` / ``fine_matching``.
+PROFILE_STAGES = ("backbone", "loftr_coarse", "coarse_matching", "fine_preprocess", "loftr_fine", "fine_matching")
+
+
+def top_operations(events, device: str, rows: int) -> list[dict[str, Any]]:
+    """The ``rows`` costliest entries of a profiler's ``key_averages()``: on CUDA the GPU kernels by self
+    device time, on CPU the operators by self CPU time; milliseconds per profiled call and call counts."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        gpu = getattr(torch.autograd.DeviceType, "CUDA")
+        events = [e for e in events if e.device_type == gpu]
+        ms = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1e3  # noqa: E731
+    else:
+        ms = lambda e: e.self_cpu_time_total / 1e3  # noqa: E731
+    ranked = sorted((e for e in events if ms(e) > 0), key=ms, reverse=True)
+    return [{"name": e.key, "ms": ms(e), "calls": e.count} for e in ranked[:rows]]
+
+
+def section_profile(hw: tuple[int, int], device: str, repeats: int, rows: int = 15) -> dict:
+    """Where each model spends one pair: median time per stage (module hooks) and the costliest kernels
+    (CUDA) or operators (CPU) of one profiled pair (torch.profiler), for ours and kornia LoFTR."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x0, x1 = sample_pair(hw, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    result: dict[str, Any] = {"hw": list(hw), "models": {}}
+    for name, model in (("ours", build_ours("quadtree_b_indoor", device)), ("kornia_loftr", build_kornia(device))):
+        fn = lambda model=model: run_pair(model, x0, x1)  # noqa: E731
+        fn()  # warm-up (and kernel compilation)
+        with StageTimer(model, PROFILE_STAGES, device) as timer:
+            total_s = median_times({name: fn}, repeats, device, warmup=0)[name]
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        result["models"][name] = {
+            "seconds": total_s,
+            "stage_ms": {s: 1e3 * statistics.median(v) for s, v in timer.seconds.items() if v},
+            "top": top_operations(prof.key_averages(), device, rows),
+        }
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -531,6 +589,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {size} | {k} | {1 / v:.2f} | {row['matches'][k]} | {'n/a' if peak is None else f'{peak:.0f}'} |")
             lines += [f"| {size} | {k} | failed: {e} | | |" for k, e in row["errors"].items()]
         lines.append("")
+    if "profile" in results:
+        lines += render_profile(results["profile"], results["machine"]["device"])
     lines += ["## Targets", "", "| target | value | bound | status |", "|:---|---:|---:|:---|"]
     for desc, key, op, bound in TARGETS:
         v = results["ratios"].get(key)
@@ -538,12 +598,24 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_profile(prof: dict[str, Any], device: str) -> list[str]:
+    what = "GPU kernels by self device time" if device.startswith("cuda") else "operators by self CPU time"
+    lines = [f"## Profile, one {prof['hw'][1]}x{prof['hw'][0]} pair", ""]
+    for name, m in prof["models"].items():
+        stages = ", ".join(f"{s} {v:.1f}" for s, v in m["stage_ms"].items())
+        lines += [f"{name}: {1e3 * m['seconds']:.1f} ms per pair; stages (ms): {stages}", "",
+                  f"| {what} | ms | calls |", "|:---|---:|---:|"]
+        lines += [f"| {op['name'][:90].replace('|', '/')} | {op['ms']:.2f} | {op['calls']} |" for op in m["top"]]
+        lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--sections", default="e2e,agreement,attention,memory,flops,gpu", help="comma-separated subset")
+    p.add_argument("--sections", default="e2e,agreement,attention,memory,flops,gpu,profile", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, quick 1)")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
@@ -608,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     if "gpu" in sections and cuda:
         print("GPU throughput ...", flush=True)
         results["gpu"] = section_throughput(GPU_SIZES, device, max(repeats, 5), autocasts)
+    if "profile" in sections:
+        print("profile ...", flush=True)
+        hw = (96, 128) if quick else GPU_SIZES[-1] if cuda else e2e_hw
+        results["profile"] = section_profile(hw, device, repeats)
     results["ratios"] = ratios_of(results)
     markdown = render_markdown(results)
     out = Path(args.out)

@@ -118,6 +118,21 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
 
 
+def test_profile_section_reports_stages_and_costliest_operators(bench):
+    prof = bench.section_profile((96, 128), "cpu", repeats=1, rows=5)
+    assert set(prof["models"]) == {"ours", "kornia_loftr"}
+    ours, kornia = prof["models"]["ours"], prof["models"]["kornia_loftr"]
+    assert set(ours["stage_ms"]) <= set(bench.PROFILE_STAGES) and {"backbone", "loftr_coarse"} <= set(ours["stage_ms"])
+    assert "coarse_matching" in kornia["stage_ms"]  # kornia matches inside a module, ours does not
+    for m in (ours, kornia):
+        assert sum(m["stage_ms"].values()) <= 1e3 * m["seconds"] * 1.5  # stages are parts of a pair
+        top = m["top"]
+        assert 0 < len(top) <= 5 and all(op["ms"] > 0 and op["calls"] >= 1 for op in top)
+        assert [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
+    lines = bench.render_profile(prof, "cpu")
+    assert "| operators by self CPU time | ms | calls |" in lines and any(top[0]["name"] in line for line in lines)
+
+
 def test_chunked_sdpa_equals_one_call(bench, monkeypatch):
     monkeypatch.setattr(bench, "SDPA_CHUNK_BYTES", 4 * 2 * 3 * 50 * 7)  # chunks of 7 queries, last one shorter
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,8 @@ class ChunkedOutputs:
     Chunks are copied into outputs allocated at the first chunk: keeping the pieces and concatenating
     them at the end lets small long-lived pieces split the freed chunk temporaries in the heap (that made
     the QuadTree layer at 76,800 tokens grow by gigabytes on CPU). Under tracing (ONNX export) the pieces
-    are concatenated instead, since a traced graph does not follow copies into preallocated buffers.
+    are concatenated instead, since a traced graph does not follow copies into preallocated buffers. The
+    results of a single chunk covering everything are kept as they are.
     """
 
     def __init__(self, total: int, dim: int) -> None:
@@ -30,6 +31,9 @@ class ChunkedOutputs:
         """Results of the items ``sl`` (each tensor of size ``sl.stop - sl.start`` along ``dim``)."""
         if self.concatenate:
             self.pieces.append(results)
+            return
+        if self.outputs is None and sl.start == 0 and sl.stop == self.total:  # one chunk: nothing to assemble
+            self.outputs = tuple(results)
             return
         if self.outputs is None:
             d = self.dim

@@ -125,3 +125,41 @@ def test_without_triton_the_torch_path_runs(monkeypatch):
     qs, ks, vs, _ = _float32("cpu", *_pyramids(1, 2, 8, (8, 8), (8, 8), 3, seed=3))
     out = quadtree_attention(qs, ks, vs, [4, 3, 3], "B", torch.zeros(3))  # auto
     assert torch.isfinite(out).all()
+
+
+def test_fused_path_makes_no_copies_of_level_sized_tensors(monkeypatch):
+    """Around the kernel (replaced here by one that only allocates its outputs) the fused path passes
+    strided views: no regrouped copies of the queries, keys or values, no mixing or reordering passes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import matcher.attention as attention
+
+    def outputs_only(q, k, v, key_mask, parent_idx, parent_message, mix, topk, scale, select):
+        b, nh, hq, wq, d = q.shape
+        msg = torch.empty(b, hq * wq, nh, d, dtype=q.dtype).transpose(1, 2)
+        return msg, torch.zeros(b, nh, hq * wq, min(topk, 4 * parent_idx.shape[-1]), dtype=torch.int64) if select else None
+
+    monkeypatch.setattr(attention, "fused_refine_b", outputs_only)
+    monkeypatch.setattr(attention, "_use_fused_kernel", lambda kernel, variant, tensors: kernel == "triton")
+    qs, ks, vs, _ = _float32("cpu", *_pyramids(2, 4, 8, (16, 16), (16, 16), 3, seed=5))
+    level_size = qs[0].numel()
+
+    class LargeOutputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            is_view = isinstance(first, torch.Tensor) and first.untyped_storage().data_ptr() in inputs
+            if isinstance(first, torch.Tensor) and first.numel() >= level_size // 4 and not is_view:
+                self.ops.add(func.overloadpacket.__name__)
+            return out
+
+    for kernel, expect_copies in (("torch", True), ("triton", False)):
+        with LargeOutputs() as mode:
+            quadtree_attention(qs, ks, vs, [4, 3, 3], "B", torch.zeros(3), kernel=kernel)
+        fresh = mode.ops - {"empty", "empty_strided", "zeros"}
+        assert bool(fresh) == expect_copies, (kernel, fresh)  # the PyTorch path does copy: the check can fail

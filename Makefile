@@ -22,6 +22,6 @@ test-all: install
 # to $OUT (or runs/benchmark_cuda); fails if either did.
 gpu-check:
 	export PYTHONPATH=.:$$PYTHONPATH; status=0; \
-	$(PYTHON) -m pytest -q -rs tests/test_gpu.py tests/test_quadtree_triton.py tests/test_matching_triton.py || status=1; \
+	$(PYTHON) -m pytest -q -rs tests/test_gpu.py tests/test_quadtree_triton.py tests/test_conv_triton.py tests/test_matching_triton.py || status=1; \
 	$(PYTHON) eval/benchmark.py --device cuda --out $${OUT:-runs/benchmark_cuda} || status=1; \
 	exit $$status

@@ -33,7 +33,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "topks": [32, 16, 16],  # keys kept per query at each level, coarsest first; len = number of levels
         "mlp_ratio": 4,  # hidden width of the QuadTree block's MLP, in multiples of d_model
         "temp_bug_fix": True,  # corrected sine position encoding (False: LoFTR's original formula)
-        "kernel": "auto",  # QuadTree refine levels + coarse matching: auto (Triton on CUDA if installed) | torch | triton
+        "kernel": "auto",  # QuadTree refine levels, MLP middle, coarse matching: auto (Triton on CUDA if installed) | torch | triton
     },
     "match_coarse": {
         "thr": 0.2,  # dual-softmax confidence a coarse match must exceed

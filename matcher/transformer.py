@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import full_attention, linear_attention, pool_levels, quadtree_attention
-from .triton_support import check_kernel_choice
+from .conv_triton import relu_dwconv_gelu
+from .triton_support import check_kernel_choice, kernel_device, use_kernel
 
 
 def _heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
@@ -78,16 +79,30 @@ class DepthwiseConv(nn.Module):
 
 
 class QuadtreeMLP(nn.Module):
-    """fc1 -> ReLU -> depthwise 3x3 conv -> GELU -> fc2."""
+    """fc1 -> ReLU -> depthwise 3x3 conv -> GELU -> fc2. ``kernel`` (:data:`~matcher.triton_support.KERNELS`):
+    the middle three as one Triton kernel (:func:`~matcher.conv_triton.relu_dwconv_gelu`; ``auto``: on CUDA
+    when triton is installed and no gradient is needed)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, kernel: str = "auto") -> None:
         super().__init__()
+        check_kernel_choice(kernel)
+        self.kernel = kernel
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DepthwiseConv(hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
-        return self.fc2(F.gelu(self.dwconv(F.relu(self.fc1(x), inplace=True), hw, mask)))
+        hidden = self.fc1(x)
+        if self._use_fused_kernel(hidden):
+            conv = self.dwconv.dwconv
+            return self.fc2(relu_dwconv_gelu(hidden, hw, conv.weight, conv.bias, mask))
+        return self.fc2(F.gelu(self.dwconv(F.relu(hidden, inplace=True), hw, mask)))
+
+    def _use_fused_kernel(self, hidden: torch.Tensor) -> bool:
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or self.dwconv.dwconv.weight.requires_grad)
+        requirements = ("the Triton MLP kernel needs no gradient, triton installed, float32 / float16 / bfloat16 tokens, "
+                        f"a CUDA device (or TRITON_INTERPRET=1) and no tracing; got {hidden.dtype} on {hidden.device.type}")
+        return use_kernel(self.kernel, not needs_grad and kernel_device(hidden), hidden.device, requirements)
 
 
 class LevelMixture(nn.Module):
@@ -148,7 +163,7 @@ class QuadtreeBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = QuadtreeAttention(dim, nhead, topks, variant, kernel)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = QuadtreeMLP(dim, dim * mlp_ratio)
+        self.mlp = QuadtreeMLP(dim, dim * mlp_ratio, kernel)
 
     def forward(
         self,

@@ -86,8 +86,8 @@ def test_matcher_with_the_fused_kernel_gives_the_same_matches(device, hw0, hw1):
     batch = {k: torch.rand(1, 1, *hw, generator=g).to(device) for k, hw in (("image0", hw0), ("image1", hw1))}
     with torch.inference_mode():
         ref = model(batch)
-        for layer in model.loftr_coarse.layers:
-            layer.attn.kernel = "triton"
+        for layer in model.loftr_coarse.layers:  # the QuadTree and the MLP kernels
+            layer.attn.kernel = layer.mlp.kernel = "triton"
         out = model(batch)
     assert len(ref["keypoints0"]) > 0
     for key in ref:

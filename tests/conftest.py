@@ -14,6 +14,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where the Triton kernels' tests run: the GPU (compiled), else the CPU through Triton's interpreter."""
+    from matcher.triton_support import interpreting
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not interpreting():
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    return torch.device("cpu")
+
+
 def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """Smooth random texture, float32 (h, w) in [0, 1]."""
     rng = np.random.default_rng(seed)

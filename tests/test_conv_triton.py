@@ -10,19 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import matcher.conv_triton as ct
-import matcher.triton_support
 from matcher.transformer import QuadtreeMLP
 
 needs_triton = pytest.mark.skipif(ct.triton is None, reason="triton is not installed")
 
 
 @pytest.fixture
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not matcher.triton_support.interpreting():
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    return torch.device("cpu")
+def device(kernel_device: torch.device) -> torch.device:
+    return kernel_device
 
 
 def _reference(x, hw, weight, bias, mask):

@@ -10,18 +10,14 @@ import torch
 
 from matcher import matching_triton as mt
 from matcher.matching import chunked_mutual_nearest_matches
-from matcher.triton_support import interpreting, triton
+from matcher.triton_support import triton
 
 pytestmark = pytest.mark.skipif(triton is None, reason="triton is not installed")
 
 
 @pytest.fixture
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not interpreting():
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    return torch.device("cpu")
+def device(kernel_device: torch.device) -> torch.device:
+    return kernel_device
 
 
 def _similarity(device, b=2, r=45, l1=300, seed=0):

@@ -20,13 +20,8 @@ needs_triton = pytest.mark.skipif(qt.triton is None, reason="triton is not insta
 
 
 @pytest.fixture
-def device() -> torch.device:
-    """Where the kernel runs: the GPU, else the CPU through the interpreter."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not matcher.triton_support.interpreting():
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    return torch.device("cpu")
+def device(kernel_device: torch.device) -> torch.device:
+    return kernel_device
 
 
 def _float32(device, *pyramids):

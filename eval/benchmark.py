@@ -461,8 +461,7 @@ def top_operations(events, device: str, rows: int) -> list[dict[str, Any]]:
     device time, on CPU the operators by self CPU time; milliseconds per profiled call and call counts."""
     cuda = device.startswith("cuda")
     if cuda:
-        gpu = getattr(torch.autograd.DeviceType, "CUDA")
-        events = [e for e in events if e.device_type == gpu]
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         ms = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1e3  # noqa: E731
     else:
         ms = lambda e: e.self_cpu_time_total / 1e3  # noqa: E731

@@ -144,7 +144,7 @@ def fused_refine_b(
         raise ValueError("the fused QuadTree kernel needs triton, a CUDA device (or TRITON_INTERPRET=1), float32 / "
                          "float16 / bfloat16 tokens and a power-of-two head width")
     b, nh, hq, wq, d = q.shape
-    hk, wk = k.shape[2:4]
+    wk = k.shape[3]
     k_parents = parent_idx.shape[-1]
     ksel = min(topk, 4 * k_parents) if select else 1
     message = torch.empty(b, hq * wq, nh, d, dtype=q.dtype, device=q.device).transpose(1, 2)

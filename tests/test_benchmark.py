@@ -133,6 +133,19 @@ def test_profile_section_reports_stages_and_costliest_operators(bench):
     assert "| operators by self CPU time | ms | calls |" in lines and any(top[0]["name"] in line for line in lines)
 
 
+def test_top_operations_ranks_gpu_kernels_or_cpu_operators(bench):
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    event = lambda key, device, gpu_us, cpu_us: SimpleNamespace(  # noqa: E731
+        key=key, count=2, device_type=device, self_device_time_total=gpu_us, self_cpu_time_total=cpu_us)
+    events = [event("aten::mm", cpu, 0.0, 900.0), event("gemm_kernel", cuda, 3000.0, 0.0),
+              event("softmax_kernel", cuda, 1000.0, 0.0), event("idle_kernel", cuda, 0.0, 0.0)]
+    assert bench.top_operations(events, "cuda", 5) == [{"name": "gemm_kernel", "ms": 3.0, "calls": 2},
+                                                      {"name": "softmax_kernel", "ms": 1.0, "calls": 2}]
+    assert bench.top_operations(events, "cpu", 1) == [{"name": "aten::mm", "ms": 0.9, "calls": 2}]
+
+
 def test_chunked_sdpa_equals_one_call(bench, monkeypatch):
     monkeypatch.setattr(bench, "SDPA_CHUNK_BYTES", 4 * 2 * 3 * 50 * 7)  # chunks of 7 queries, last one shorter
     g = torch.Generator().manual_seed(0)

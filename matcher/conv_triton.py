@@ -20,7 +20,8 @@ def _relu_dwconv_gelu(
 ):
     """One program = BLOCK_W pixels of one grid row x BLOCK_C channels.
 
-    x, out ``(B, h * w, C)`` contiguous (a channels-last grid); weight ``(C, 9)``; bias ``(C,)``; valid
+    x, out ``(B, h * w, C)`` contiguous (a channels-last grid); weight ``(9, C)`` (tap-major, so that a
+    tap's channels load as vectors); bias ``(C,)``; valid
     ``(B, h * w)`` int8 (0 = padded token, read as zero). Zero padding at the grid's borders.
     """
     row = tl.program_id(0).to(tl.int64)  # b * h + y
@@ -40,7 +41,7 @@ def _relu_dwconv_gelu(
                 ok = ok & (tl.load(valid_ptr + tokens, mask=ok, other=0) != 0)
             x = tl.load(x_ptr + tokens[:, None] * channels + cs[None, :], mask=ok[:, None] & in_channels[None, :],
                         other=0.0).to(tl.float32)
-            tap = tl.load(weight_ptr + cs * 9 + dy * 3 + dx, mask=in_channels, other=0.0).to(tl.float32)
+            tap = tl.load(weight_ptr + (dy * 3 + dx) * channels + cs, mask=in_channels, other=0.0).to(tl.float32)
             acc += tl.maximum(x, 0.0) * tap[None, :]
     acc += tl.load(bias_ptr + cs, mask=in_channels, other=0.0).to(tl.float32)[None, :]
     out = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact GELU, as F.gelu's default
@@ -82,7 +83,7 @@ def relu_dwconv_gelu(
     valid = x if mask is None else mask.contiguous().view(torch.int8)  # x: an unused pointer
     grid = (b * h, triton.cdiv(w, BLOCK_W), triton.cdiv(c, BLOCK_C))
     jit_kernel(_relu_dwconv_gelu)[grid](
-        x, weight.reshape(c, 9).contiguous(), bias.contiguous(), valid, out, h, w, c,
+        x, weight.reshape(c, 9).t().contiguous(), bias.contiguous(), valid, out, h, w, c,
         BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, HAS_MASK=mask is not None, num_warps=NUM_WARPS,
     )
     return out

@@ -471,13 +471,21 @@ def top_operations(events, device: str, rows: int) -> list[dict[str, Any]]:
 
 def section_profile(hw: tuple[int, int], device: str, repeats: int, rows: int = 15) -> dict:
     """Where each model spends one pair: median time per stage (module hooks) and the costliest kernels
-    (CUDA) or operators (CPU) of one profiled pair (torch.profiler), for ours and kornia LoFTR."""
+    (CUDA) or operators (CPU) of one profiled pair (torch.profiler), for ours, ours with the PyTorch paths
+    only where the Triton kernels run (``ours_pytorch``, to see what each kernel replaces), and kornia LoFTR."""
     from torch.profiler import ProfilerActivity, profile
+
+    from matcher.triton_support import kernel_device
 
     x0, x1 = sample_pair(hw, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    models = {"ours": lambda: build_ours("quadtree_b_indoor", device)}
+    if device.startswith("cuda") and kernel_device(torch.empty(0, device=device)):
+        models["ours_pytorch"] = lambda: build_ours("quadtree_b_indoor", device, kernel="torch")
+    models["kornia_loftr"] = lambda: build_kornia(device)
     result: dict[str, Any] = {"hw": list(hw), "models": {}}
-    for name, model in (("ours", build_ours("quadtree_b_indoor", device)), ("kornia_loftr", build_kornia(device))):
+    for name, build in models.items():
+        model = build()
         fn = lambda model=model: run_pair(model, x0, x1)  # noqa: E731
         fn()  # warm-up (and kernel compilation)
         with StageTimer(model, PROFILE_STAGES, device) as timer:

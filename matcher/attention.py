@@ -15,8 +15,16 @@ from .triton_support import use_kernel
 
 
 def _neg_fill(dtype: torch.dtype) -> float:
-    """Finite stand-in for -inf: a fully masked row still gets a (uniform) softmax instead of NaN."""
-    return torch.finfo(dtype).min
+    """Finite stand-in for -inf, added to the logits of padded keys: a fully masked row still gets a finite
+    softmax instead of NaN, and half the dtype's minimum leaves room for the logit it is added to."""
+    return torch.finfo(dtype).min / 2
+
+
+def _mask_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``valid`` (bool, False = padded key) -> 0 / :func:`_neg_fill` in ``dtype``, to be added to logits. Adding
+    a float bias is about 10x faster on CPU than ``masked_fill`` with a broadcast bool mask, and exact for
+    the softmax: masked weights come out 0 either way."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, _neg_fill(dtype))
 
 
 def linear_attention(
@@ -204,11 +212,12 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
     """
     b, nh, nq, _ = q.shape
     kt = k.transpose(-1, -2).contiguous()  # else every chunk's matmul copies the keys again (4x slower)
-    outputs = ChunkedOutputs(nq, dim=2)
+    outputs, bias = ChunkedOutputs(nq, dim=2), None
     for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size(), q.device):
         logits = torch.matmul(q[:, :, rows] * scale, kt)  # scaling the few queries, not the many logits
         if kmask is not None:
-            logits = logits.masked_fill(~kmask[:, None, None, :], _neg_fill(logits.dtype))
+            bias = _mask_bias(kmask[:, None, None, :], logits.dtype) if bias is None else bias  # autocast's dtype
+            logits = logits + bias
         outputs.add(_select_and_message(torch.softmax(logits, dim=-1), v, topk, variant, select), rows)
     return outputs.result()
 
@@ -232,6 +241,7 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
     queries, scores = qc.reshape(-1, 4, d), None if parent_scores is None else parent_scores.reshape(-1, k)
     k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
     valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
+    bias_table = None
     as_groups = lambda t: None if t is None else t.view(b, nh, num_parents, *t.shape[1:])  # noqa: E731
     child_table = _child_table(parent_hw, qc.device)
     total = local_idx.shape[0]
@@ -240,8 +250,8 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
         rows = table_idx[sl]
         logits = torch.matmul(queries[sl] * scale, _gather_rows(k_table, rows, d).transpose(-1, -2))
         if valid_table is not None:
-            valid = _gather_rows(valid_table, rows, 1)[..., 0]  # (p, 4K)
-            logits = logits.masked_fill(~valid[:, None, :], _neg_fill(logits.dtype))
+            bias_table = _mask_bias(valid_table, logits.dtype) if bias_table is None else bias_table  # autocast's dtype
+            logits = logits + _gather_rows(bias_table, rows, 1)[..., 0][:, None, :]  # (p, 1, 4K)
         if variant == "B":
             attn = torch.softmax(logits, dim=-1)
         else:  # softmax over the 4 children of each selected key, times that key's score

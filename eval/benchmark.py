@@ -53,6 +53,7 @@ TARGETS = (
     ("1600x1200 pair, full-width model: peak memory (GB)", "peak_gb_1600x1200", "<=", 8.0),
     ("GPU 1152x1152: ours / kornia LoFTR time (fp32)", "gpu_time_ratio_1152", "<=", 1.0),
     ("bf16 path keeps fp32 matches within 1 px", "bf16_agreement", ">=", 0.95),
+    ("bf16 features (backbone + coarse transformer only) keep fp32 matches within 1 px", "bf16_features_agreement", ">=", 0.95),
     ("Winograd backbone (default) keeps the direct path's matches within 1 px", "winograd_agreement", ">=", 0.95),
 )
 
@@ -121,16 +122,18 @@ def sample_pair(hw: tuple[int, int], device: str) -> tuple[torch.Tensor, torch.T
     return images[0], images[1]
 
 
-def build_ours(config: str, device: str, seed: int = 0, kernel: str = "auto") -> torch.nn.Module:
+def build_ours(config: str, device: str, seed: int = 0, kernel: str = "auto", feature_dtype: str = "float32") -> torch.nn.Module:
     """Seeded random weights; coarse threshold 0 so that every mutual nearest neighbour is a match and the
     fine stage does the work it does with trained weights (random weights give no confident matches).
-    ``kernel``: the coarse stage's Triton kernels (auto: on CUDA when installed) or ``torch``."""
+    ``kernel``: the coarse stage's Triton kernels (auto: on CUDA when installed) or ``torch``;
+    ``feature_dtype``: ``inference.feature_dtype``."""
     from matcher import Matcher, load_config
 
     torch.manual_seed(seed)
     cfg = load_config(config)
     cfg.match_coarse.thr = 0.0
     cfg.coarse.kernel = kernel
+    cfg.inference.feature_dtype = feature_dtype
     return Matcher(cfg).eval().to(device)
 
 
@@ -290,8 +293,9 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
 
 # ----------------------------------------------------------------------------------------------- end to end
 def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: bool, autocast: torch.dtype | None) -> dict:
-    """Ours (quadtree_b_indoor: fp32, fp32 with the direct convolutions instead of Winograd on CPU, autocast)
-    vs kornia LoFTR (fp32) on one pair, interleaved."""
+    """Ours (quadtree_b_indoor: fp32, fp32 with the direct convolutions instead of Winograd on CPU, autocast,
+    and with bf16 autocast the backbone + coarse transformer in bf16 alone) vs kornia LoFTR (fp32) on one pair,
+    interleaved."""
     ours = build_ours("quadtree_b_indoor", device)
     x0, x1 = sample_pair(hw, device)
     fns = {"ours_fp32": lambda: run_pair(ours, x0, x1)}
@@ -301,6 +305,9 @@ def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: boo
         fns["ours_fp32_direct_conv"] = lambda: run_pair(direct, x0, x1)
     if autocast is not None:
         fns["ours_" + str(autocast).split(".")[-1]] = lambda: run_pair(ours, x0, x1, autocast)
+    if autocast == torch.bfloat16:
+        bf16_features = build_ours("quadtree_b_indoor", device, feature_dtype="bfloat16")
+        fns["ours_bf16_features"] = lambda: run_pair(bf16_features, x0, x1)
     if with_kornia:
         kornia_model = build_kornia(device)
         fns["kornia_loftr_fp32"] = lambda: run_pair(kornia_model, x0, x1)
@@ -360,7 +367,8 @@ def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, 
 
 def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dtype]) -> dict:
     """Share of the reference matches that a faster path keeps within 1 px, with the shipped default weights:
-    each autocast dtype against fp32, and (on CPU) the Winograd backbone against direct convolutions."""
+    each autocast dtype against fp32 (with bf16 also ``inference.feature_dtype: bfloat16``, the backbone and
+    coarse transformer alone in bf16), and (on CPU) the Winograd backbone against direct convolutions."""
     from matcher import Matcher
 
     model = Matcher.from_pretrained("default").to(device)
@@ -372,6 +380,11 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
     for dtype in autocasts:
         new = run_pair(model, x0, x1, dtype)
         result["autocast"][_dtype_name(dtype)] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
+        if dtype == torch.bfloat16:
+            model.config.inference.feature_dtype = "bfloat16"
+            new = run_pair(model, x0, x1)
+            model.config.inference.feature_dtype = "float32"
+            result["bf16_features"] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
     if device == "cpu":
         model.backbone.set_winograd(False)
         direct = run_pair(model, x0, x1)
@@ -536,6 +549,7 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
     r["peak_gb_1600x1200"] = mem["peak_mb"] / 1024 if mem and "peak_mb" in mem else None
     agree = results.get("agreement")
     r["bf16_agreement"] = agree.get("autocast", {}).get("bf16", {}).get("kept_within_1px") if agree else None
+    r["bf16_features_agreement"] = agree.get("bf16_features", {}).get("kept_within_1px") if agree else None
     r["winograd_agreement"] = agree.get("winograd_kept_within_1px") if agree else None
     gpu_row = results.get("gpu", {}).get("1152x1152")
     r["gpu_time_ratio_1152"] = gpu_row.get("time_ratio_fp32") if gpu_row else None
@@ -560,6 +574,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         for name, row in a.get("autocast", {}).items():
             lines += [f"{name} autocast agreement ({where}): {100 * row['kept_within_1px']:.1f}% of "
                       f"{a['fp32_matches']} fp32 matches kept within 1 px ({row['matches']} {name} matches)", ""]
+        if "bf16_features" in a:
+            row = a["bf16_features"]
+            lines += [f"bf16 features (backbone + coarse transformer in bf16, `inference.feature_dtype`; {where}): "
+                      f"{100 * row['kept_within_1px']:.1f}% of {a['fp32_matches']} fp32 matches kept within 1 px "
+                      f"({row['matches']} matches)", ""]
         if "winograd_kept_within_1px" in a:
             lines += [f"Winograd agreement ({where}): {100 * a['winograd_kept_within_1px']:.1f}% of the {a['direct_matches']} "
                       f"matches with direct convolutions kept within 1 px ({a['fp32_matches']} with Winograd)", ""]

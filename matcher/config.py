@@ -51,6 +51,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     "inference": {
         "resize": 640,  # Matcher.match: long side the images are resized to (null keeps the size)
+        # backbone + coarse transformer in eval mode: float32 | bfloat16 (autocast; coarse matching and the fine
+        # stage stay float32). bfloat16 pays off on CPUs with native bf16 dot products (AVX512-BF16, AMX)
+        # and on GPUs; elsewhere it is slower
+        "feature_dtype": "float32",
     },
 }
 

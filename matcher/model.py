@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from .weights import load_strict, read_state_dict
 WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained"
 
 OUTPUT_KEYS = ("keypoints0", "keypoints1", "confidence", "batch_indexes")
+
+#: Values of ``inference.feature_dtype``: the precision of the backbone and the coarse transformer in eval mode.
+FEATURE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _check_images(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +76,8 @@ class Matcher(nn.Module):
             config = load_config(config)
         self.config = copy.deepcopy(config)
         cfg = self.config
+        if cfg.inference.feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"inference.feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {cfg.inference.feature_dtype!r}")
         self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(
@@ -82,6 +88,14 @@ class Matcher(nn.Module):
         self.loftr_fine = LocalFeatureTransformer(f.d_model, f.nhead, list(f.layer_names), f.attention)
 
     # ----------------------------------------------------------------------------------------- stages
+    def _feature_precision(self) -> tuple[contextlib.AbstractContextManager, torch.dtype | None]:
+        """Autocast context for the backbone and the coarse transformer (``inference.feature_dtype``, eval
+        mode only) and the dtype it runs them in (None: unchanged, an outer autocast included)."""
+        dtype = None if self.training else FEATURE_DTYPES[self.config.inference.feature_dtype]
+        if dtype is None:
+            return contextlib.nullcontext(), None
+        return torch.autocast(next(self.parameters()).device.type, dtype=dtype), dtype
+
     def extract_features(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Backbone maps ``coarse0, fine0, coarse1, fine1``; one pass when both images share a size
         (also what batch norm sees in training). Coarse maps carry the position encoding."""
@@ -124,13 +138,14 @@ class Matcher(nn.Module):
         grid sizes ``hw0`` and ``hw1`` (level 0, finest).
         """
         _check_images({"image0": image0, "image1": image1})
-        c0, _, c1, _ = self.extract_features(image0, image1)
-        multiple = self.loftr_coarse.divisibility
-        (p0, m0), (p1, m1) = _pad_grid(c0, None, multiple), _pad_grid(c1, None, multiple)
-        t0, t1 = (p.flatten(2).transpose(1, 2) for p in (p0, p1))
-        m0, m1 = (None if m is None else m.flatten(1) for m in (m0, m1))
-        hw0, hw1 = tuple(p0.shape[2:]), tuple(p1.shape[2:])
-        chosen = self.loftr_coarse.selection(t0, t1, hw0, hw1, layer_index, m0, m1)
+        with self._feature_precision()[0]:
+            c0, _, c1, _ = self.extract_features(image0, image1)
+            multiple = self.loftr_coarse.divisibility
+            (p0, m0), (p1, m1) = _pad_grid(c0, None, multiple), _pad_grid(c1, None, multiple)
+            t0, t1 = (p.flatten(2).transpose(1, 2) for p in (p0, p1))
+            m0, m1 = (None if m is None else m.flatten(1) for m in (m0, m1))
+            hw0, hw1 = tuple(p0.shape[2:]), tuple(p1.shape[2:])
+            chosen = self.loftr_coarse.selection(t0, t1, hw0, hw1, layer_index, m0, m1)
         return {"selection": [c[0] for c in chosen], "hw0": hw0, "hw1": hw1}
 
     # ----------------------------------------------------------------------------------------- forward
@@ -151,10 +166,14 @@ class Matcher(nn.Module):
         """
         image0, image1 = _check_images(batch)
         cfg = self.config
-        c0, f0, c1, f1 = self.extract_features(image0, image1)
-        hw0, hw1 = tuple(c0.shape[2:]), tuple(c1.shape[2:])
         mask0, mask1 = (batch[k][:, ::8, ::8].bool() if k in batch else None for k in ("mask0", "mask1"))
-        t0, t1 = self.coarse_transform(c0, c1, mask0, mask1)
+        precision, feature_dtype = self._feature_precision()
+        with precision:
+            c0, f0, c1, f1 = self.extract_features(image0, image1)
+            t0, t1 = self.coarse_transform(c0, c1, mask0, mask1)
+        if feature_dtype is not None:  # matching and the fine stage in float32
+            t0, t1, f0, f1 = (t.float() for t in (t0, t1, f0, f1))
+        hw0, hw1 = tuple(c0.shape[2:]), tuple(c1.shape[2:])
 
         mc = cfg.match_coarse
         fm0, fm1 = (None if m is None else m.flatten(1) for m in (mask0, mask1))

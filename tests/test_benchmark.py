@@ -59,7 +59,8 @@ def test_ratios_from_results(bench):
             {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0},
         ]},
         "memory": {"peak_mb": 2048.0},
-        "agreement": {"autocast": {"bf16": {"kept_within_1px": 0.97}}, "winograd_kept_within_1px": 1.0},
+        "agreement": {"autocast": {"bf16": {"kept_within_1px": 0.97}}, "bf16_features": {"kept_within_1px": 0.99},
+                      "winograd_kept_within_1px": 1.0},
         "gpu": {"640x480": {"time_ratio_fp32": 2.0}, "1152x1152": {"time_ratio_fp32": 0.8}},
     }
     r = bench.ratios_of(results)
@@ -67,7 +68,7 @@ def test_ratios_from_results(bench):
     assert r["quadtree_time_growth_1"] == 4.0 and r["quadtree_time_growth_2"] == 5.0
     assert r["quadtree_memory_growth_1"] == 5.0 and r["quadtree_memory_growth_2"] == 2.0
     assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97 and r["winograd_agreement"] == 1.0
-    assert r["gpu_time_ratio_1152"] == 0.8
+    assert r["gpu_time_ratio_1152"] == 0.8 and r["bf16_features_agreement"] == 0.99
     assert bench.ratios_of({})["gpu_time_ratio_1152"] is None
 
 
@@ -105,6 +106,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert {"ours_fp32", "ours_fp32_direct_conv", "kornia_loftr_fp32"} <= set(e2e) and all(v > 0 for v in e2e.values())
     assert results["machine"]["reuse_freed_memory"] is True  # children (memory, attention) apply it too
     assert 0.95 <= results["agreement"]["winograd_kept_within_1px"] <= 1.0
+    if "bf16" in results["matmul_gflops"]:  # CPUs with AVX-512: the bf16 paths are timed and compared too
+        assert "ours_bf16_features" in e2e and 0.0 <= results["agreement"]["bf16_features"]["kept_within_1px"] <= 1.0
     rows = results["attention"]["rows"]
     assert [r["tokens"] for r in rows] == [64, 256, 1024]
     assert all(r["quadtree_s"] > 0 and r["quadtree_peak_mb"] is not None for r in rows)

@@ -204,3 +204,32 @@ def test_large_inference_pairs_use_chunked_matching(image_pair, monkeypatch):
     assert len(dense["keypoints0"]) > 0
     assert torch.equal(dense["keypoints0"], chunked["keypoints0"])
     torch.testing.assert_close(dense["keypoints1"], chunked["keypoints1"])
+
+
+def test_bfloat16_features_keep_the_float32_matches(image_pair):
+    """``inference.feature_dtype: bfloat16`` runs the backbone and the coarse transformer in bf16 and the rest
+    in float32, and keeps at least 95% of the float32 matches within 1 px (the shipped weights)."""
+    from matcher.metrics import matches_kept
+
+    model = Matcher.from_pretrained("default")
+    x0, x1 = image_pair
+    with torch.inference_mode():
+        ref = model({"image0": x0, "image1": x1})
+        model.config.inference.feature_dtype = "bfloat16"
+        seen = {}
+        for name in ("loftr_coarse", "loftr_fine"):  # the dtype each transformer receives
+            getattr(model, name).register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: args[0].dtype}))
+        new = model({"image0": x0, "image1": x1})
+    assert seen == {"loftr_coarse": torch.bfloat16, "loftr_fine": torch.float32}
+    assert new["keypoints1"].dtype == torch.float32
+    assert len(ref["keypoints0"]) > 100
+    kept = matches_kept(*(o[k].numpy() for o in (ref, new) for k in ("keypoints0", "keypoints1")))
+    assert kept >= 0.95
+
+
+def test_feature_dtype_is_checked_and_training_ignores_it():
+    with pytest.raises(ValueError, match="feature_dtype"):
+        Matcher(load_config("lite", inference={"feature_dtype": "fp16"}))
+    model = Matcher(load_config("lite", inference={"feature_dtype": "bfloat16"}))
+    assert model.training and model._feature_precision()[1] is None
+    assert model.eval()._feature_precision()[1] == torch.bfloat16

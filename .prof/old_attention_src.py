@@ -1,0 +1,355 @@
+"""Attention kernels on multi-head tensors: LoFTR's linear attention, exact softmax attention, and
+QuadTree attention (variants A and B) in plain PyTorch.
+
+Head layout everywhere: ``(B, nhead, N, D)``; a model's channel ``c`` belongs to head ``c // D``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .chunking import ChunkedOutputs, chunk_slices
+from .quadtree_triton import fused_refine_available, fused_refine_b
+from .triton_support import use_kernel
+
+
+def _neg_fill(dtype: torch.dtype) -> float:
+    """Finite stand-in for -inf: a fully masked row still gets a (uniform) softmax instead of NaN."""
+    return torch.finfo(dtype).min
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """Linear attention with the elu(x) + 1 feature map (Katharopoulos et al.), as in LoFTR.
+
+    Args:
+        q: ``(B, H, L, D)``; k, v: ``(B, H, S, D)``; kv_mask: ``(B, S)`` bool, False = padded key.
+    Returns:
+        ``(B, H, L, D)``.
+    """
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    if kv_mask is not None:
+        keep = kv_mask[:, None, :, None].to(k.dtype)
+        k, v = k * keep, v * keep
+    length = v.shape[2]
+    v = v / length  # keeps the key-value sums in fp16 range; multiplied back below
+    kv = torch.einsum("bhsd,bhse->bhde", k, v)
+    normaliser = 1.0 / (torch.einsum("bhld,bhd->bhl", q, k.sum(dim=2)) + eps)
+    return torch.einsum("bhld,bhde->bhle", q, kv) * normaliser[..., None] * length
+
+
+def full_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact softmax attention with scale 1/sqrt(D). Shapes as :func:`linear_attention`."""
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def pool_levels(
+    x: torch.Tensor, num_levels: int, mask: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Average-pool a map 2x2 ``num_levels - 1`` times, finest first.
+
+    With a mask (``(B, h, w)`` bool, False = padded), each pooled cell is the mean of its valid children
+    only and is valid when any child is; without padding this is the plain average pool.
+
+    Args:
+        x: ``(B, C, h, w)`` with h, w divisible by ``2 ** (num_levels - 1)``.
+    Returns:
+        maps ``[(B, C, h / 2^l, w / 2^l)]`` and masks ``[(B, h / 2^l, w / 2^l) | None]``, l = 0 finest.
+    """
+    maps, masks = [x], [mask]
+    for _ in range(num_levels - 1):
+        if mask is None:
+            x = F.avg_pool2d(x, 2)
+        else:
+            weight = mask[:, None].to(x.dtype)
+            count = F.avg_pool2d(weight, 2)
+            x = F.avg_pool2d(x * weight, 2) / count.clamp_min(1e-6)
+            mask = count[:, 0] > 0
+        maps.append(x)
+        masks.append(mask)
+    return maps, masks
+
+
+def _ungroup_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`_grid_to_blocks` (flattened): ``(B, H, h/2 * w/2, 4, ...)`` -> ``(B, H, h * w, ...)``."""
+    b, nh = x.shape[:2]
+    rest = x.shape[4:]
+    x = x.reshape(b, nh, h // 2, w // 2, 2, 2, *rest).transpose(3, 4)
+    return x.reshape(b, nh, h * w, *rest)
+
+
+#: Bytes of gathered keys (or coarsest-level scores) per chunk of queries on CPU. Working in chunks of
+#: this size keeps the temporaries in cache and in reused heap memory; one big gather per level would be
+#: written to fresh pages and run several times slower.
+CHUNK_BYTES = 4 << 20
+
+#: The same on GPUs, where chunks only bound memory: there is no cache to fit and every chunk costs kernel
+#: launches, so they are much larger.
+GPU_CHUNK_BYTES = 256 << 20
+
+
+def _chunks(total: int, bytes_per_item: int, device: torch.device) -> list[slice]:
+    """Slices covering ``range(total)``, each about :data:`CHUNK_BYTES` (CPU) or :data:`GPU_CHUNK_BYTES`
+    bytes of ``bytes_per_item``."""
+    budget = CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
+    return chunk_slices(total, budget // max(1, bytes_per_item))
+
+
+def _block_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """``(B, H, M, 4, E)`` -> a ``(B * H * M, 4 * E)`` table: row ``(b * H + h) * M + m`` holds the 4 children
+    of parent key ``m`` of head ``h``."""
+    return blocks.reshape(-1, blocks.shape[-2] * blocks.shape[-1])
+
+
+def _gather_rows(table: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """``table (R, 4 * E)`` at ``rows (p, K)`` -> ``(p, 4K, E)`` ordered [key][child]."""
+    p, k = rows.shape
+    return table.index_select(0, rows.reshape(-1)).view(p, 4 * k, width)
+
+
+def _child_table(parent_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(h * w * 4,)``: entry ``4 * parent + c`` is the flat index, in the grid twice as fine, of child ``c``
+    (row-major: (0, 0), (0, 1), (1, 0), (1, 1)) of cell ``parent`` of an ``(h, w)`` grid."""
+    h, w = parent_hw
+    fine = torch.arange(4 * h * w, device=device).view(h, 2, w, 2)
+    return fine.transpose(1, 2).reshape(-1)
+
+
+def _selected_children(parent_idx: torch.Tensor, positions: torch.Tensor, child_table: torch.Tensor) -> torch.Tensor:
+    """Flat indices in the finer key grid of selected candidates.
+
+    ``parent_idx (P, K)``: parent keys; ``positions (P, c, K')``: candidate positions in ``[0, 4K)`` ordered
+    [key][child]; ``child_table`` from :func:`_child_table` -> ``(P, c, K')``.
+    """
+    p, k = parent_idx.shape
+    # every candidate's index, (P, 4K): one lookup of 4 children per parent key, then one gather (5x faster
+    # than splitting the positions into key slot and child)
+    candidates = child_table.view(-1, 4).index_select(0, parent_idx.reshape(-1)).view(p, 1, 4 * k)
+    return torch.gather(candidates.expand(p, positions.shape[1], 4 * k), -1, positions)
+
+
+def _grid_to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, h, w, ...)`` (any strides) -> ``(B, H, h/2 * w/2, 4, ...)`` grouped by 2x2 parent, one copy."""
+    b, nh, h, w = x.shape[:4]
+    rest = x.shape[4:]
+    x = x.reshape(b, nh, h // 2, 2, w // 2, 2, *rest).transpose(3, 4)
+    return x.reshape(b, nh, (h // 2) * (w // 2), 4, *rest)
+
+
+#: CPU rows at least this long take their top-k in two passes (:func:`topk_last_dim`); torch's CPU top-k
+#: costs about 2 ns per entry, a vectorised maximum a tenth of that. (GPUs keep torch.topk: on an H100 a
+#: top-32 of 20,736 rows of 1,296 takes 0.75 ms, and a Triton arg-max kernel was no faster, 0.66 ms.)
+BLOCK_TOPK_MIN_LENGTH = 1024
+
+#: Entries per group of the first pass.
+TOPK_GROUP = 8
+
+
+def topk_last_dim(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim=-1, sorted=sorted)`` (largest), long CPU rows in two passes.
+
+    A row of n entries is split into n / :data:`TOPK_GROUP` groups, group g holding entries g, g + n/8,
+    g + 2n/8, ... (strided, so the group maxima are elementwise maxima of contiguous slices). The k
+    groups with the largest maxima hold k entries at least as large as any entry outside them, so the
+    top-k values are among those groups' entries (plus the ragged tail), and only these are ranked. Same
+    values as ``torch.topk``; indices differ only between equal values (and, unsorted, in order).
+
+    Args:
+        x: ``(..., n)``; k: at most n; sorted: largest first, else in no particular order (faster).
+    Returns:
+        values and indices into the last dim, ``(..., k)``.
+    """
+    n = x.shape[-1]
+    num_groups = n // TOPK_GROUP
+    if n < BLOCK_TOPK_MIN_LENGTH or num_groups < k or x.device.type != "cpu":
+        return torch.topk(x, k, dim=-1, sorted=sorted)
+    lead = x.shape[:-1]
+    body = num_groups * TOPK_GROUP
+    strided = x[..., :body].unflatten(-1, (TOPK_GROUP, num_groups))  # [..., j, g] = entry j * groups + g
+    group_idx = torch.topk(strided.amax(dim=-2), k, dim=-1, sorted=False).indices  # (..., k)
+    members = torch.gather(strided, -1, group_idx.unsqueeze(-2).expand(*lead, TOPK_GROUP, k))
+    offsets = torch.arange(0, body, num_groups, device=x.device)[:, None]  # (TOPK_GROUP, 1)
+    member_idx = (offsets + group_idx.unsqueeze(-2)).flatten(-2)  # each candidate's index in the row
+    tail_idx = torch.arange(body, n, device=x.device).expand(*lead, n - body)
+    values, pos = torch.topk(torch.cat([members.flatten(-2), x[..., body:]], dim=-1), k, dim=-1, sorted=sorted)
+    return values, torch.gather(torch.cat([member_idx, tail_idx], dim=-1), -1, pos)
+
+
+def _select_and_message(attn, values, topk: int, variant: str, select: bool):
+    """Top-k of the weights (for the next level) and the message they carry.
+
+    ``attn (..., c, n)``, ``values (..., n, D)`` -> message ``(..., c, D)`` and, when ``select``, the
+    positions and weights of the top-k candidates ``(..., c, K)`` (else None). Variant A removes the
+    selected candidates from this level's message: they are refined at the next level instead.
+    """
+    top_scores = top_pos = None
+    if select:
+        # unsorted: the next level does not care about the order, and sorting costs 18% of a short top-k
+        top_scores, top_pos = topk_last_dim(attn, min(topk, attn.shape[-1]), sorted=False)
+        if variant == "A":
+            attn = attn.scatter(-1, top_pos, 0.0)
+    return torch.matmul(attn, values), top_pos, top_scores
+
+
+def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, select: bool):
+    """Full softmax attention over the coarsest keys, in query chunks (no whole score matrix).
+
+    ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``kmask (B, Nk) | None`` -> message ``(B, H, Nq, D)``,
+    selected key indices and weights ``(B, H, Nq, K)`` (None unless ``select``).
+    """
+    b, nh, nq, _ = q.shape
+    kt = k.transpose(-1, -2).contiguous()  # else every chunk's matmul copies the keys again (4x slower)
+    outputs = ChunkedOutputs(nq, dim=2)
+    for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size(), q.device):
+        logits = torch.matmul(q[:, :, rows] * scale, kt)  # scaling the few queries, not the many logits
+        if kmask is not None:
+            logits = logits.masked_fill(~kmask[:, None, None, :], _neg_fill(logits.dtype))
+        outputs.add(_select_and_message(torch.softmax(logits, dim=-1), v, topk, variant, select), rows)
+    return outputs.result()
+
+
+def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_scores, parent_hw: tuple[int, int],
+                  topk: int, scale: float, variant: str, select: bool):
+    """One finer level in chunks of parents: attention over the children of the keys each parent selected.
+
+    ``qc (B, H, P, 4, D)`` queries grouped by parent, ``k_blocks, v_blocks (B, H, M, 4, D)`` and
+    ``valid_blocks (B, H, M, 4, 1) | None`` keys grouped by parent key, ``parent_idx (B, H, P, K)`` into the
+    parent key grid of size ``parent_hw``, ``parent_scores (B, H, P, K) | None`` (variant A) ->
+    message ``(B, H, P, 4, D)``, selected key indices (this level's grid) and weights ``(B, H, P, 4, K')``.
+
+    Chunks follow the flattened (B, H, P) order, so a chunk reads the key table of one head.
+    """
+    b, nh, num_parents, _, d = qc.shape
+    m, k = k_blocks.shape[2], parent_idx.shape[-1]
+    heads = torch.arange(b * nh, device=parent_idx.device).view(b, nh, 1, 1)
+    local_idx = parent_idx.reshape(-1, k)
+    table_idx = (parent_idx + heads * m).reshape(-1, k)  # rows of the (B * H * M) tables
+    queries, scores = qc.reshape(-1, 4, d), None if parent_scores is None else parent_scores.reshape(-1, k)
+    k_table, v_table = _block_rows(k_blocks), _block_rows(v_blocks)
+    valid_table = None if valid_blocks is None else _block_rows(valid_blocks)
+    as_groups = lambda t: None if t is None else t.view(b, nh, num_parents, *t.shape[1:])  # noqa: E731
+    child_table = _child_table(parent_hw, qc.device)
+    total = local_idx.shape[0]
+    outputs = ChunkedOutputs(total, dim=0)
+    for sl in _chunks(total, 4 * k * d * qc.element_size(), qc.device):
+        rows = table_idx[sl]
+        logits = torch.matmul(queries[sl] * scale, _gather_rows(k_table, rows, d).transpose(-1, -2))
+        if valid_table is not None:
+            valid = _gather_rows(valid_table, rows, 1)[..., 0]  # (p, 4K)
+            logits = logits.masked_fill(~valid[:, None, :], _neg_fill(logits.dtype))
+        if variant == "B":
+            attn = torch.softmax(logits, dim=-1)
+        else:  # softmax over the 4 children of each selected key, times that key's score
+            attn = (torch.softmax(logits.unflatten(-1, (-1, 4)), dim=-1) * scores[sl, None, :, None]).flatten(-2)
+        msg, top_pos, top_scores = _select_and_message(attn, _gather_rows(v_table, rows, d), topk, variant, select)
+        chosen = None if top_pos is None else _selected_children(local_idx[sl], top_pos, child_table)
+        outputs.add((msg, chosen, top_scores), sl)
+    return tuple(as_groups(t) for t in outputs.result())
+
+
+def _use_fused_kernel(kernel: str, variant: str, tensors: list[torch.Tensor]) -> bool:
+    """Whether the refine levels run through the fused Triton kernel (``kernel`` as in
+    :data:`~matcher.triton_support.KERNELS`: ``auto`` takes it for variant B inference on CUDA when triton is
+    installed)."""
+    first = tensors[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    possible = variant == "B" and not needs_grad and fused_refine_available(first)
+    requirements = (
+        "the Triton QuadTree kernel needs variant B, no gradient, triton installed, float32 / float16 / bfloat16 "
+        "tokens with a power-of-two head width, a CUDA device (or TRITON_INTERPRET=1) and no tracing; got "
+        f"variant {variant}, {first.dtype} on {first.device.type}"
+    )
+    return use_kernel(kernel, possible, first.device, requirements)
+
+
+def quadtree_attention(
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    topks: list[int],
+    variant: str = "B",
+    level_weights: torch.Tensor | None = None,
+    key_masks: list[torch.Tensor | None] | None = None,
+    return_selection: bool = False,
+    kernel: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """QuadTree attention (Tang et al., ICLR 2022) over token pyramids.
+
+    The coarsest level is full softmax attention; at each finer level a query attends only to the 4
+    children of the keys its parent query selected (top-k). Variant B softmaxes over all candidates,
+    mixes the level messages with ``softmax(level_weights)`` (coarsest first) and lets every query pick its
+    own top-k for the next level. Variant A softmaxes over the 4 children of each selected key times that
+    key's score, removes the selected keys from the coarser messages and sums the messages, so a query's
+    weights over all levels add up to 1. No level builds a whole (N x N) score matrix: the coarsest level
+    runs in query chunks, the finer ones in chunks of parents (:data:`CHUNK_BYTES` each).
+
+    Args:
+        queries, keys, values: per level, finest first, ``(B, nhead, h_l, w_l, D)`` (query and key grids
+            may differ in size; any strides); each level halves both sides of the previous one.
+        topks: keys kept per query at each level, coarsest first (the finest entry is used by A only
+            when it is not the finest level, and never by B).
+        variant: "A" or "B".
+        level_weights: ``(L,)`` logits of the level mixture (variant B), coarsest first.
+        key_masks: per level, finest first, ``(B, h_l, w_l)`` bool (False = padded key) or None.
+        return_selection: also return the selected key indices per level (coarsest first), each
+            ``(B, nhead, N_l, K_l)`` with indices into that level's flattened key grid, in no particular
+            order (an unsorted top-k is faster, and the next level does not depend on the order).
+        kernel: refine-level implementation, one of :data:`~matcher.triton_support.KERNELS`. The fused
+            Triton kernel has no backward pass, so ``auto`` takes it only when no gradient is needed.
+    Returns:
+        ``(B, nhead, h_0 * w_0, D)`` messages for the finest queries (and the selections).
+    """
+    num_levels = len(queries)
+    if variant not in ("A", "B"):
+        raise ValueError(f"variant must be 'A' or 'B', got {variant!r}")
+    if variant == "B" and (level_weights is None or level_weights.numel() != num_levels):
+        raise ValueError("variant B needs level_weights of one entry per level")
+    if key_masks is None:
+        key_masks = [None] * num_levels
+    fused = _use_fused_kernel(kernel, variant, queries + keys + values)
+    scale = queries[0].shape[-1] ** -0.5
+    mix = None
+    if variant == "B":  # softmax in at least float32, then in the tokens' dtype
+        mix = torch.softmax(level_weights.to(torch.promote_types(level_weights.dtype, torch.float32)), 0)
+        mix = mix.to(queries[0].dtype)
+
+    message, idx, scores, selections = None, None, None, []
+    for step, level in enumerate(reversed(range(num_levels))):  # coarsest first
+        q, k, v, kmask = queries[level], keys[level], values[level], key_masks[level]
+        b, nh, hq, wq, d = q.shape
+        hk, wk = k.shape[2:4]
+        topk, select = topks[min(step, len(topks) - 1)], level > 0
+        if step == 0:
+            flat = lambda t: t.reshape(b, nh, -1, d)  # noqa: E731
+            kvalid = None if kmask is None else kmask.reshape(b, hk * wk)
+            message, idx, scores = _coarsest_level(flat(q), flat(k), flat(v), kvalid, topk, scale, variant, select)
+            if mix is not None:
+                message = message * mix[0]
+        elif fused:  # this level's message, mixed and added to the parents' in one kernel, in grid order
+            message, idx = fused_refine_b(q, k, v, kmask, idx, message, mix[step], topk, scale, select)
+        else:
+            valid_blocks = None
+            if kmask is not None:
+                valid_blocks = _grid_to_blocks(kmask[:, None, :, :, None].expand(-1, nh, -1, -1, -1))
+            msg, idx, scores = _refine_level(
+                _grid_to_blocks(q), _grid_to_blocks(k), _grid_to_blocks(v), valid_blocks, idx, scores,
+                (hk // 2, wk // 2), topk, scale, variant, select,
+            )
+            if mix is not None:
+                msg = msg * mix[step]
+            # a parent's message is copied to its 4 children; back to this level's grid order, where
+            # these queries are the parents of the next level
+            message = _ungroup_children(msg + message[:, :, :, None, :], hq, wq)
+            if select:
+                idx = _ungroup_children(idx, hq, wq)
+                scores = _ungroup_children(scores, hq, wq) if variant == "A" else None
+        if select:
+            selections.append(idx)
+    if return_selection:
+        return message, selections
+    return message

@@ -35,3 +35,12 @@ def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
         np.testing.assert_allclose(got[0], ref["keypoints0"].numpy(), atol=1e-4)
         np.testing.assert_allclose(got[1], ref["keypoints1"].numpy(), atol=1e-3)
         np.testing.assert_allclose(got[2], ref["confidence"].numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_export_refuses_training_mode_and_bf16_features(tmp_path):
+    model = Matcher(load_config("lite"))
+    with pytest.raises(ValueError, match="eval mode"):
+        export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    model = Matcher(load_config("lite", inference={"feature_dtype": "bfloat16"})).eval()
+    with pytest.raises(ValueError, match="feature_dtype"):
+        export_onnx(model, tmp_path / "m.onnx", (64, 64))

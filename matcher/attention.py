@@ -20,11 +20,12 @@ def _neg_fill(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
-def _mask_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``valid`` (bool, False = padded key) -> 0 / :func:`_neg_fill` in ``dtype``, to be added to logits. Adding
-    a float bias is about 10x faster on CPU than ``masked_fill`` with a broadcast bool mask, and exact for
-    the softmax: masked weights come out 0 either way."""
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, _neg_fill(dtype))
+def mask_bias(valid: torch.Tensor, dtype: torch.dtype, fill: float | None = None) -> torch.Tensor:
+    """``valid`` (bool, False = padded) -> 0 / ``fill`` (default :func:`_neg_fill`) in ``dtype``, to be added to
+    logits. Adding a float bias is 4-10x faster on CPU than ``masked_fill`` with a broadcast bool mask, which
+    torch does not vectorise, and exact for a softmax: masked weights come out 0 either way."""
+    fill = _neg_fill(dtype) if fill is None else fill
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, fill)
 
 
 def linear_attention(
@@ -216,7 +217,7 @@ def _coarsest_level(q, k, v, kmask, topk: int, scale: float, variant: str, selec
     for rows in _chunks(nq, b * nh * k.shape[2] * q.element_size(), q.device):
         logits = torch.matmul(q[:, :, rows] * scale, kt)  # scaling the few queries, not the many logits
         if kmask is not None:
-            bias = _mask_bias(kmask[:, None, None, :], logits.dtype) if bias is None else bias  # autocast's dtype
+            bias = mask_bias(kmask[:, None, None, :], logits.dtype) if bias is None else bias  # autocast's dtype
             logits = logits + bias
         outputs.add(_select_and_message(torch.softmax(logits, dim=-1), v, topk, variant, select), rows)
     return outputs.result()
@@ -250,7 +251,7 @@ def _refine_level(qc, k_blocks, v_blocks, valid_blocks, parent_idx, parent_score
         rows = table_idx[sl]
         logits = torch.matmul(queries[sl] * scale, _gather_rows(k_table, rows, d).transpose(-1, -2))
         if valid_table is not None:
-            bias_table = _mask_bias(valid_table, logits.dtype) if bias_table is None else bias_table  # autocast's dtype
+            bias_table = mask_bias(valid_table, logits.dtype) if bias_table is None else bias_table  # autocast's dtype
             logits = logits + _gather_rows(bias_table, rows, 1)[..., 0][:, None, :]  # (p, 1, 4K)
         if variant == "B":
             attn = torch.softmax(logits, dim=-1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import mask_bias
 from .chunking import ChunkedOutputs, chunk_slices
 from .matching_triton import combine_column_lse, log_confidence_maxima, similarity_log_sum_exps, use_matching_kernels
 
@@ -24,8 +25,9 @@ def dual_softmax(
     Features are scaled by 1/sqrt(C) each, the similarity divided by ``temperature``; masked (False)
     rows / columns get zero confidence.
     """
-    sim, invalid = _chunk_similarity(feat0, feat1, 1.0 / (feat0.shape[-1] * temperature), slice(None), mask0, mask1)
+    sim = _chunk_similarity(feat0, feat1, 1.0 / (feat0.shape[-1] * temperature), slice(None), mask0, mask1)
     conf = F.softmax(sim, 1) * F.softmax(sim, 2)
+    invalid = _invalid_entries(mask0, mask1, slice(None))
     if invalid is not None:
         conf = conf.masked_fill(invalid, 0.0)
     return conf
@@ -105,13 +107,21 @@ GPU_MATCHING_CHUNK_ENTRIES = 1 << 26
 FUSED_MATCHING_CHUNK_ENTRIES = 1 << 29
 
 
-def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled similarity of the query rows ``rows`` ``(B, r, L1)`` and their invalid entries (or None)."""
+def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> torch.Tensor:
+    """Scaled similarity of the query rows ``rows`` ``(B, r, L1)``. Padded rows and columns each add a quarter
+    of the dtype's minimum: far below any real similarity, and finite even where both add up."""
     sim = torch.einsum("blc,bsc->bls", feat0[:, rows] * scale, feat1)  # scaling the rows, not the products
-    invalid = _invalid_entries(mask0, mask1, rows)
-    if invalid is not None:
-        sim = sim.masked_fill(invalid, torch.finfo(sim.dtype).min)
-    return sim, invalid
+    for bias in _padding_biases(mask0, mask1, rows, sim.dtype, torch.finfo(sim.dtype).min / 4):
+        sim = sim + bias
+    return sim
+
+
+def _padding_biases(mask0: torch.Tensor | None, mask1: torch.Tensor | None, rows: slice, dtype: torch.dtype,
+                    fill: float) -> list[torch.Tensor]:
+    """Additive masks of a chunk's padded rows ``(B, r, 1)`` and columns ``(B, 1, L1)``: 0 where valid, ``fill``
+    where padded (two broadcast additions are several times cheaper on CPU than one ``masked_fill``)."""
+    masks = [m for m in (None if mask0 is None else mask0[:, rows, None], None if mask1 is None else mask1[:, None, :])]
+    return [mask_bias(m, dtype, fill) for m in masks if m is not None]
 
 
 def _invalid_entries(mask0: torch.Tensor | None, mask1: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -130,19 +140,25 @@ def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return top + torch.log(torch.exp(a - top) + torch.exp(b - top))
 
 
+#: Log-confidence term of padded rows / columns in the chunked matcher's second pass: exp() of it is 0 in
+#: float32, and twice it plus any similarity stays finite.
+PADDED_LOG_CONFIDENCE = -1e30
+
+
 def _extended_features(
     feat0: torch.Tensor, feat1: torch.Tensor, scale: float, row_lse: torch.Tensor, col_lse: torch.Tensor,
     mask0: torch.Tensor | None, mask1: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[scale f0_i, -R_i, 1]`` ``(B, L0, C + 2)`` and columns ``[f1_j, 1, -C_j]`` ``(B, C + 2, L1)``, in
-    float32 at least, whose product is ``scale f0_i . f1_j - R_i - C_j``. Padded rows / columns get 0 for R /
-    C: their entries are masked afterwards, and their log-sum-exps, near the float minimum, would overflow."""
+    float32 at least, whose product is ``scale f0_i . f1_j - R_i - C_j``. Padded rows / columns get
+    :data:`PADDED_LOG_CONFIDENCE` instead of -R / -C, so the product itself masks their entries (exp gives 0)
+    and no pass over each chunk is needed."""
     dtype = torch.promote_types(feat0.dtype, torch.float32)
     row_term, col_term = -row_lse.to(dtype), -col_lse.to(dtype)
     if mask0 is not None:
-        row_term = row_term.masked_fill(~mask0, 0.0)
+        row_term = row_term.masked_fill(~mask0, PADDED_LOG_CONFIDENCE)
     if mask1 is not None:
-        col_term = col_term.masked_fill(~mask1, 0.0)
+        col_term = col_term.masked_fill(~mask1, PADDED_LOG_CONFIDENCE)
     ones0, ones1 = row_term.new_ones(row_term.shape), col_term.new_ones(col_term.shape)
     rows = torch.cat([feat0.to(dtype) * scale, row_term[..., None], ones0[..., None]], dim=-1)
     cols = torch.cat([feat1.to(dtype), ones1[..., None], col_term[..., None]], dim=-1).transpose(1, 2)
@@ -189,7 +205,7 @@ def chunked_mutual_nearest_matches(
         return _fused_mutual_nearest_matches(feat0, feat1, scale, chunks, thr, border, hw0, hw1, mask0, mask1)
     row_lse, col_lse = ChunkedOutputs(l0, dim=1), None
     for rows in chunks:
-        sim, _ = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
+        sim = _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
         row_lse.add((sim.logsumexp(2),), rows)
         part = sim.logsumexp(1)
         col_lse = part if col_lse is None else _logaddexp(col_lse, part)
@@ -199,9 +215,6 @@ def chunked_mutual_nearest_matches(
     for rows in chunks:
         with torch.autocast(feat0.device.type, enabled=False):  # R and C are large: keep float32
             log_conf = torch.bmm(rows_ext[:, rows], cols_ext)
-        invalid = _invalid_entries(mask0, mask1, rows)
-        if invalid is not None:
-            log_conf.masked_fill_(invalid, float("-inf"))
         best.add(log_conf.max(dim=2), rows)
         part = log_conf.amax(dim=1)
         col_best = part if col_best is None else torch.maximum(col_best, part)
@@ -217,7 +230,7 @@ def _fused_mutual_nearest_matches(
     similarity (:mod:`matcher.matching_triton`); a single chunk's similarity is kept for the second pass."""
     def similarity(rows: slice) -> torch.Tensor:
         with torch.autocast(feat0.device.type, enabled=False):  # as the PyTorch path's second pass: float32
-            return _chunk_similarity(feat0.float(), feat1.float(), scale, rows, mask0, mask1)[0]
+            return _chunk_similarity(feat0.float(), feat1.float(), scale, rows, mask0, mask1)
 
     kept = None
     row_lse, col_parts = ChunkedOutputs(feat0.shape[1], dim=1), []

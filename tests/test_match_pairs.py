@@ -114,3 +114,14 @@ class _Wrapped:
 
     def match(self, *args, **kwargs):
         return self.inner.match(*args, **kwargs)
+
+
+def test_cli_bf16_flag_reaches_the_matcher_config(tmp_path, capsys):
+    """``--bf16`` runs the shipped model with ``inference.feature_dtype: bfloat16``: it matches, and the output
+    file then refuses a float32 run (the setting is part of the matcher's fingerprint)."""
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5")]
+    assert mp.main(args + ["--bf16"]) == 0
+    assert mp.main(args) == 2
+    assert "different matcher or settings" in capsys.readouterr().err

@@ -120,7 +120,7 @@ def _padding_biases(mask0: torch.Tensor | None, mask1: torch.Tensor | None, rows
                     fill: float) -> list[torch.Tensor]:
     """Additive masks of a chunk's padded rows ``(B, r, 1)`` and columns ``(B, 1, L1)``: 0 where valid, ``fill``
     where padded (two broadcast additions are several times cheaper on CPU than one ``masked_fill``)."""
-    masks = [m for m in (None if mask0 is None else mask0[:, rows, None], None if mask1 is None else mask1[:, None, :])]
+    masks = (None if mask0 is None else mask0[:, rows, None], None if mask1 is None else mask1[:, None, :])
     return [mask_bias(m, dtype, fill) for m in masks if m is not None]
 
 

@@ -101,14 +101,19 @@ def matcher_fingerprint(matcher: Any, name: str) -> dict[str, Any]:
     }
 
 
-def build_matchers(names: Sequence[str], device: str, config: str | None = None) -> dict[str, Any]:
+def build_matchers(names: Sequence[str], device: str, config: str | None = None, feature_dtype: str = "float32") -> dict[str, Any]:
     """``{label: matcher}`` for the given names (see ``matcher.baselines.build_matcher``; ``config`` is the
-    architecture of checkpoints with no ``.yaml`` beside them). The torch seed is fixed first so that a config
-    name (random weights) builds the same model on every run."""
+    architecture of checkpoints with no ``.yaml`` beside them; ``feature_dtype`` the learned matchers'
+    ``inference.feature_dtype``). The torch seed is fixed first so that a config name (random weights) builds
+    the same model on every run."""
     import torch
 
     torch.manual_seed(0)
-    return {label: build_matcher(name, device=device, config=config) for label, name in zip(unique_labels(names), names)}
+    matchers = {label: build_matcher(name, device=device, config=config) for label, name in zip(unique_labels(names), names)}
+    for matcher in matchers.values():
+        if hasattr(matcher, "config"):  # learned matchers; part of their fingerprint, so caches keep them apart
+            matcher.config.inference.feature_dtype = feature_dtype
+    return matchers
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -410,6 +415,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--out", default="eval_results", help="folder for the tables and the prediction caches")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of learned matchers")
+    parser.add_argument("--bf16", action="store_true", help="learned matchers: backbone + coarse transformer in bf16 "
+                        "(inference.feature_dtype)")
     parser.add_argument("--overwrite-cache", action="store_true", help="discard existing prediction caches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

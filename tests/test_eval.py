@@ -455,6 +455,16 @@ def test_build_matcher_dispatch(tmp_path: Path) -> None:
     assert type(learned).__name__ == "Matcher" and not learned.training
 
 
+def test_build_matchers_sets_the_feature_dtype_of_learned_matchers() -> None:
+    from matcher.evaluation import build_matchers, matcher_fingerprint
+
+    fp32 = build_matchers(["lite", "sift"], "cpu")
+    bf16 = build_matchers(["lite", "sift"], "cpu", feature_dtype="bfloat16")
+    assert bf16["lite"].config.inference.feature_dtype == "bfloat16" and fp32["lite"].config.inference.feature_dtype == "float32"
+    assert matcher_fingerprint(bf16["lite"], "lite") != matcher_fingerprint(fp32["lite"], "lite")  # caches stay apart
+    assert matcher_fingerprint(bf16["sift"], "sift") == matcher_fingerprint(fp32["sift"], "sift")
+
+
 # ----------------------------------------------------------------------------------------------- common
 def test_matcher_names_labels_and_tables(scripts: dict[str, ModuleType]) -> None:
     common = scripts["common"]

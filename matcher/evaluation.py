@@ -101,17 +101,17 @@ def matcher_fingerprint(matcher: Any, name: str) -> dict[str, Any]:
     }
 
 
-def build_matchers(names: Sequence[str], device: str, config: str | None = None, feature_dtype: str = "float32") -> dict[str, Any]:
+def build_matchers(names: Sequence[str], device: str, config: str | None = None, feature_dtype: str | None = None) -> dict[str, Any]:
     """``{label: matcher}`` for the given names (see ``matcher.baselines.build_matcher``; ``config`` is the
-    architecture of checkpoints with no ``.yaml`` beside them; ``feature_dtype`` the learned matchers'
-    ``inference.feature_dtype``). The torch seed is fixed first so that a config name (random weights) builds
-    the same model on every run."""
+    architecture of checkpoints with no ``.yaml`` beside them; ``feature_dtype``, when given, overrides the
+    learned matchers' ``inference.feature_dtype``). The torch seed is fixed first so that a config name
+    (random weights) builds the same model on every run."""
     import torch
 
     torch.manual_seed(0)
     matchers = {label: build_matcher(name, device=device, config=config) for label, name in zip(unique_labels(names), names)}
     for matcher in matchers.values():
-        if hasattr(matcher, "config"):  # learned matchers; part of their fingerprint, so caches keep them apart
+        if feature_dtype is not None and hasattr(matcher, "config"):  # learned matchers; part of their fingerprint
             matcher.config.inference.feature_dtype = feature_dtype
     return matchers
 

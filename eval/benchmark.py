@@ -263,9 +263,19 @@ def attention_forward(layer, kind: str, grid: tuple[int, int], x: torch.Tensor, 
         return layer.proj(message.transpose(1, 2).reshape(b, n, c))
 
 
+def counted_gflop(fn: Callable[[], Any]) -> float:
+    """GFLOP of the matrix products and convolutions one call of ``fn`` runs (torch FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def section_attention(grids: list[tuple[int, int]], device: str, threads: int, repeats: int, sdpa_budget_s: float,
                       reuse_memory: bool) -> dict:
-    """Time (in-process, interleaved) and peak memory (child processes) of QuadTree-B vs SDPA per grid."""
+    """Time (in-process, interleaved), FLOPs and peak memory (child processes) of QuadTree-B vs SDPA per grid."""
     rows = []
     sdpa_estimate = None
     for grid in grids:
@@ -276,7 +286,8 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
         if run_sdpa:
             fns["sdpa"] = lambda: attention_forward(qt_layer, "sdpa", grid, *qt_in)
         times = median_times(fns, repeats, device)
-        row = {"tokens": n, "grid": list(grid), "quadtree_s": times["quadtree"], "sdpa_s": times.get("sdpa")}
+        row = {"tokens": n, "grid": list(grid), "quadtree_s": times["quadtree"], "sdpa_s": times.get("sdpa"),
+               "quadtree_gflop": counted_gflop(fns["quadtree"])}
         if row["sdpa_s"] is not None:
             sdpa_estimate = row["sdpa_s"] * 16  # exact attention is quadratic in the tokens
             row["speedup"] = row["sdpa_s"] / row["quadtree_s"]
@@ -543,6 +554,8 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
         if len(rows) > i:
             a, b = rows[i - 1], rows[i]
             r[f"quadtree_time_growth_{i}"] = b["quadtree_s"] / a["quadtree_s"]
+            fa, fb = a.get("quadtree_gflop"), b.get("quadtree_gflop")
+            r[f"quadtree_flop_growth_{i}"] = fb / fa if fa and fb else None
             pa, pb = a.get("quadtree_peak_mb"), b.get("quadtree_peak_mb")
             r[f"quadtree_memory_growth_{i}"] = pb / pa if pa and pb else None
     mem = results.get("memory")
@@ -586,12 +599,22 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["## Attention layer (d_model 256, 8 heads): QuadTree-B (top-k 32/16/16) vs exact softmax (SDPA)", "",
                   "Both with the same q/k/v and output projections; SDPA runs over query chunks whose score matrix stays under 1 GB "
                   "(one call would need N x N x 8 heads x 4 bytes: 11.8 GB at 19,200 tokens).", "",
-                  "| tokens | grid | QuadTree-B s | SDPA s | speed-up | QuadTree-B peak MB | SDPA peak MB |", "|---:|:---|---:|---:|---:|---:|---:|"]
-        for r in results["attention"]["rows"]:
+                  "| tokens | grid | QuadTree-B s | QuadTree-B GFLOP | GFLOP/s | SDPA s | speed-up | QuadTree-B peak MB | SDPA peak MB |",
+                  "|---:|:---|---:|---:|---:|---:|---:|---:|---:|"]
+        fmt = lambda v, spec=".0f": format(v, spec) if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+        rows = results["attention"]["rows"]
+        for r in rows:
             sd = f"{r['sdpa_s']:.3f}" if r.get("sdpa_s") is not None else r.get("sdpa_note", "n/a")
             sp = f"{r['speedup']:.1f}x" if "speedup" in r else "n/a"
-            fmt = lambda v: f"{v:.0f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
-            lines.append(f"| {r['tokens']} | {r['grid'][1]}x{r['grid'][0]} | {r['quadtree_s']:.3f} | {sd} | {sp} | {fmt(r['quadtree_peak_mb'])} | {fmt(r['sdpa_peak_mb'])} |")
+            gflop = r.get("quadtree_gflop")
+            rate = gflop / r["quadtree_s"] if gflop else None
+            lines.append(f"| {r['tokens']} | {r['grid'][1]}x{r['grid'][0]} | {r['quadtree_s']:.3f} | {fmt(gflop, '.2f')} | "
+                         f"{fmt(rate, '.1f')} | {sd} | {sp} | {fmt(r['quadtree_peak_mb'])} | {fmt(r['sdpa_peak_mb'])} |")
+        growth = [f"{b['quadtree_gflop'] / a['quadtree_gflop']:.2f}x from {a['tokens']:,} to {b['tokens']:,} tokens"
+                  for a, b in zip(rows, rows[1:]) if a.get("quadtree_gflop") and b.get("quadtree_gflop")]
+        if growth:
+            lines += ["", "QuadTree-B FLOPs grow " + ", ".join(growth) + ": the coarsest level is full attention over "
+                      "N/16 tokens, a quadratic term, so where the layer runs at one FLOP rate its time grows as much."]
         lines.append("")
     if "memory" in results:
         mem = results["memory"]

@@ -54,9 +54,9 @@ def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},
         "attention": {"rows": [
-            {"tokens": 4800, "quadtree_s": 1.0, "quadtree_peak_mb": 10.0, "speedup": 3.0},
-            {"tokens": 19200, "quadtree_s": 4.0, "quadtree_peak_mb": 50.0, "speedup": 12.0},
-            {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0},
+            {"tokens": 4800, "quadtree_s": 1.0, "quadtree_peak_mb": 10.0, "speedup": 3.0, "quadtree_gflop": 3.0},
+            {"tokens": 19200, "quadtree_s": 4.0, "quadtree_peak_mb": 50.0, "speedup": 12.0, "quadtree_gflop": 12.0},
+            {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0, "quadtree_gflop": 66.0},
         ]},
         "memory": {"peak_mb": 2048.0},
         "agreement": {"autocast": {"bf16": {"kept_within_1px": 0.97}}, "bf16_features": {"kept_within_1px": 0.99},
@@ -67,6 +67,7 @@ def test_ratios_from_results(bench):
     assert r["e2e_time_ratio"] == 1.5 and r["attention_speedup_19200"] == 12.0
     assert r["quadtree_time_growth_1"] == 4.0 and r["quadtree_time_growth_2"] == 5.0
     assert r["quadtree_memory_growth_1"] == 5.0 and r["quadtree_memory_growth_2"] == 2.0
+    assert r["quadtree_flop_growth_1"] == 4.0 and r["quadtree_flop_growth_2"] == 5.5
     assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97 and r["winograd_agreement"] == 1.0
     assert r["gpu_time_ratio_1152"] == 0.8 and r["bf16_features_agreement"] == 0.99
     assert bench.ratios_of({})["gpu_time_ratio_1152"] is None
@@ -111,6 +112,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     rows = results["attention"]["rows"]
     assert [r["tokens"] for r in rows] == [64, 256, 1024]
     assert all(r["quadtree_s"] > 0 and r["quadtree_peak_mb"] is not None for r in rows)
+    # q/k/v/output projections alone: 4 x N x 256 x 256 x 2 FLOPs; the attention adds more
+    assert all(r["quadtree_gflop"] > 4 * r["tokens"] * 256 * 256 * 2 / 1e9 for r in rows)
     assert results["memory"].get("peak_mb", 0) > 0, results["memory"]
     flops = {r["stage"]: r["gflop"] for r in results["flops"]["rows"]}
     assert flops["backbone"] > flops["loftr_coarse"] > 0
@@ -119,6 +122,7 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert results["memory"]["first_seconds"] is None  # a warm-up pair only where kernels compile (CUDA)
     md = (tmp_path / "benchmark.md").read_text()
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
+    assert "QuadTree-B FLOPs grow" in md and "from 64 to 256 tokens" in md
 
 
 def test_profile_section_reports_stages_and_costliest_operators(bench):
@@ -161,3 +165,15 @@ def test_chunked_sdpa_equals_one_call(bench, monkeypatch):
 def test_cuda_without_a_gpu_is_one_clear_error(bench, capsys):
     assert bench.main(["--device", "cuda", "--quick"]) == 2
     assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_attention_layer_flops_match_the_quadtree_cost_model(bench):
+    """Counted FLOPs of the QuadTree-B layer (d_model C = 256, top-k 32/16/16, 3 levels) against a count by
+    hand: 4 projections (8 N C^2), full attention at the coarsest level (QK and AV: 4 N_c^2 C) and at each
+    finer level QK and AV over 4 children of each of the k keys its parent selected (4 N_l 4k C)."""
+    grid, c = (16, 24), 256
+    n = grid[0] * grid[1]
+    n_coarse, n_mid = n // 16, n // 4
+    by_hand = 8 * n * c * c + 4 * n_coarse**2 * c + 4 * n_mid * (4 * min(32, n_coarse)) * c + 4 * n * (4 * 16) * c
+    layer, inputs = bench.attention_layer(grid, "cpu")
+    assert bench.counted_gflop(lambda: bench.attention_forward(layer, "quadtree", grid, *inputs)) * 1e9 == by_hand

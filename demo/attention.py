@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--y", type=float, required=True, help="query pixel y in image0 (original pixels)")
     p.add_argument("--layer", type=int, default=1, help="coarse layer index (odd = cross layers by default)")
     p.add_argument("--head", type=int, default=0, help="attention head")
-    p.add_argument("--weights", help="shipped weights name or checkpoint path")
-    p.add_argument("--config", help="model config name")
+    p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
+    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
     p.add_argument("--resize", type=int, default=640, help="long side to resize to")
     p.add_argument("--out", default="attention.png")
     args = p.parse_args(argv)
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         model, which = matcher_with_description(args.weights, args.config)
         grays = [load_gray(path, name) for path, name in ((args.image0, "image0"), (args.image1, "image1"))]
         (g0, s0), (g1, _) = (resize_long_side(g, args.resize) for g in grays)
-        qx, qy = int(args.x / s0[0]) // 8, int(args.y / s0[1]) // 8
+        # the coarse cell holding the query pixel's centre, pixel centres at integers on both sides
+        qx, qy = int((args.x + 0.5) / s0[0] // 8), int((args.y + 0.5) / s0[1] // 8)
         if not (0 <= qx < -(-g0.shape[1] // 8) and 0 <= qy < -(-g0.shape[0] // 8)):
             raise ValueError(f"query ({args.x}, {args.y}) lies outside image0")
         if not 0 <= args.head < model.config.coarse.nhead:

@@ -3,8 +3,10 @@
     python demo/match_pair.py                          # the sample pair shipped in demo/assets/
     python demo/match_pair.py a.jpg b.png --out matches.png --resize 640 --max-matches 500
 
-With ground truth (``--truth`` npz holding K0, K1, T_0to1; the sample pair ships one) matches are coloured
-green / red by LoFTR's epipolar criterion instead of by confidence, and the precision is printed.
+Give both images or none (none = the sample pair). With ground truth (``--truth`` npz holding K0, K1,
+T_0to1; the sample pair ships one) matches are coloured green / red by LoFTR's epipolar criterion (squared
+symmetric epipolar distance in normalised coordinates below 5e-4) instead of by confidence, and the
+precision is printed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from matcher.allocator import reuse_freed_memory
+from matcher.evaluation import device_argument
 from matcher.image_io import load_gray
 from matcher.metrics import epipolar_precision
 from matcher.model import matcher_with_description
@@ -27,7 +30,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def correct_matches(result: dict[str, np.ndarray], truth_path: str) -> np.ndarray:
-    """Per-match correctness by the symmetric epipolar distance, from an npz with K0, K1, T_0to1."""
+    """Per-match correctness by LoFTR's criterion (squared symmetric epipolar distance in normalised
+    coordinates below 5e-4, :func:`matcher.metrics.epipolar_precision`), from an npz with K0, K1, T_0to1."""
     if not Path(truth_path).is_file():
         raise FileNotFoundError(f"ground-truth file not found: {truth_path}")
     with np.load(truth_path) as truth:
@@ -38,18 +42,22 @@ def correct_matches(result: dict[str, np.ndarray], truth_path: str) -> np.ndarra
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image0", nargs="?", default=str(ASSETS / "pair_a.png"))
-    p.add_argument("image1", nargs="?", default=str(ASSETS / "pair_b.png"))
+    p.add_argument("image0", nargs="?", help="first image (give both images, or none for the sample pair)")
+    p.add_argument("image1", nargs="?", help="second image")
     p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
-    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it")
+    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
     p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
     p.add_argument("--out", default="matches.png", help="output picture")
     p.add_argument("--max-matches", type=int, default=1000, help="draw at most this many matches")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="backbone + coarse transformer in bf16 (inference.feature_dtype): "
                    "faster on CPUs with AVX512-BF16 / AMX and on GPUs")
     p.add_argument("--truth", help="npz with K0, K1, T_0to1 (default: the sample pair's, for the sample pair)")
     args = p.parse_args(argv)
+    if args.image1 is None:
+        if args.image0 is not None:
+            p.error(f"give two images (IMAGE0 IMAGE1), or none for the sample pair; got only {args.image0}")
+        args.image0, args.image1 = str(ASSETS / "pair_a.png"), str(ASSETS / "pair_b.png")
     if args.truth is None and Path(args.image0) == ASSETS / "pair_a.png" and Path(args.image1) == ASSETS / "pair_b.png":
         args.truth = str(ASSETS / "pair_truth.npz")
     try:
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{n} matches, {elapsed:.2f} s ({which.split(':')[0]})"
     if correct is not None:
         share = float(correct.mean()) if n else float("nan")
-        print(f"epipolar precision (LoFTR's 5e-4 criterion): {100 * share:.1f}% of {n} matches correct")
+        print(f"epipolar precision (LoFTR's criterion: squared symmetric epipolar distance < 5e-4): "
+              f"{100 * share:.1f}% of {n} matches correct")
         title += f", {100 * share:.0f}% correct"
     plot_matches(images[0], images[1], result["keypoints0"], result["keypoints1"], result["confidence"],
                  correct=correct, title=title, max_matches=args.max_matches, path=args.out)

@@ -37,6 +37,7 @@ from matcher.evaluation import (
     finite_mean,
     matcher_names,
     open_caches,
+    pairs_summary,
     run_pairs,
     size_summary,
     software_versions,
@@ -150,9 +151,11 @@ def summarize_homography(label: str, records: list[dict[str, Any]], skipped: int
 
 
 def homography_protocol(args: argparse.Namespace, data_fingerprint: dict[str, Any], image_sizes: Any, num_pairs: int) -> dict[str, Any]:
-    """The protocol block printed under the table."""
+    """The protocol block printed under the table; ``num_pairs`` is the number of pairs listed (HPatches) or
+    generated (``--num-pairs``) before ``--max-pairs``, as in eval/pose.py."""
     return {
-        "pairs": ", ".join(f"{k}={v}" for k, v in data_fingerprint.items()) + f"; {num_pairs} pairs",
+        "data": ", ".join(f"{k}={v}" for k, v in data_fingerprint.items()),
+        "pairs": pairs_summary(num_pairs, args.max_pairs),
         "image sizes (original)": size_summary(image_sizes),
         "matcher resize": "none (original size)" if args.resize is None else f"long side {args.resize} px",
         "homography": f"cv2.findHomography, RANSAC, threshold {args.h_ransac_thr} px, confidence 0.995; fewer than 4 matches = failure",

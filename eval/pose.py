@@ -43,6 +43,7 @@ from matcher.evaluation import (
     finite_mean,
     matcher_names,
     open_caches,
+    pairs_summary,
     run_pairs,
     size_summary,
     software_versions,
@@ -281,7 +282,7 @@ def pose_protocol(args: argparse.Namespace, data_fingerprint: dict[str, Any], im
     """The protocol block printed under the table."""
     return {
         "dataset": ", ".join(f"{k}={v}" for k, v in data_fingerprint.items()),
-        "pairs": f"{num_pairs} listed (first {args.max_pairs} requested)" if args.max_pairs else f"{num_pairs} listed",
+        "pairs": pairs_summary(num_pairs, args.max_pairs),
         "image sizes given to the matchers": size_summary(image_sizes),
         "matcher resize": "none (the dataset's own resizing)" if args.resize is None else f"long side {args.resize} px",
         "keypoints": "scaled by the dataset's scale0/scale1 into the frames of K0/K1",

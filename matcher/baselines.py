@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .image_io import ImageLike, load_gray, resize_long_side
+from .image_io import ImageLike, load_gray, resize_long_side, to_input_pixels
 
 #: Largest Hamming distance between two 256-bit ORB descriptors.
 ORB_DESCRIPTOR_BITS = 256
@@ -145,11 +145,9 @@ class _OpenCVFeatureMatcher:
             idx0, idx1, conf = ratio_test_matches(desc0, desc1, self.norm, float(self.ratio))
         if len(idx0) == 0:
             return empty_matches()
-        # Keypoint (x, y) of a resized image maps back with the per-axis scale (pixel-centre drift of a
-        # fraction of a pixel is ignored, as in Matcher.match).
         return {
-            "keypoints0": (pts0[idx0] * scale0).astype(np.float32),
-            "keypoints1": (pts1[idx1] * scale1).astype(np.float32),
+            "keypoints0": to_input_pixels(pts0[idx0], scale0).astype(np.float32),
+            "keypoints1": to_input_pixels(pts1[idx1], scale1).astype(np.float32),
             "confidence": conf.astype(np.float32),
         }
 

@@ -3,7 +3,8 @@
 - building the matchers named on the command line (SIFT and ORB rows are always offered),
 - a per-(matcher, pair) prediction cache in HDF5 that refuses to mix configurations,
 - the pair loop (load -> match, cached -> evaluate), robust to unreadable pairs,
-- results tables written as JSON and Markdown, with the protocol stated beside the numbers.
+- results tables written as JSON and Markdown, with the protocol stated beside the numbers,
+- the ``--device`` check the demos and ``matcher.match_pairs`` share with them.
 
 It lives in the package so that the scripts and the tests import it like any other module.
 """
@@ -28,8 +29,9 @@ import numpy as np
 
 from matcher.baselines import BASELINE_NAMES, build_matcher, empty_matches
 
-#: Version of the cache layout; a cache written with another layout is refused.
-CACHE_FORMAT = 1
+#: Version of the cache layout and of what it holds; a cache written with another is refused. 2: keypoints
+#: of resized images map back with pixel centres at integers (``image_io.to_input_pixels``), not by scaling.
+CACHE_FORMAT = 2
 
 PREDICTION_KEYS = ("keypoints0", "keypoints1", "confidence")
 
@@ -366,6 +368,12 @@ def software_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__, "torch": torch.__version__}
 
 
+def pairs_summary(listed: int, max_pairs: int | None) -> str:
+    """Protocol text of the pairs a run covers: ``"104 listed"``, or with ``--max-pairs 5``
+    ``"104 listed (first 5 requested)"`` (the table's Pairs and Skipped columns count those evaluated)."""
+    return f"{listed} listed" if max_pairs is None else f"{listed} listed (first {max_pairs} requested)"
+
+
 def size_summary(image_sizes: Counter) -> str:
     """``Counter({"640x480": 3000})`` -> ``"640x480 (3000 images)"``, most common first."""
     if not image_sizes:
@@ -414,11 +422,39 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="do not add the SIFT and ORB rows")
     parser.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--out", default="eval_results", help="folder for the tables and the prediction caches")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of learned matchers")
+    parser.add_argument("--device", default="cpu", type=device_argument, help="device of learned matchers: cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help="learned matchers: backbone + coarse transformer in bf16 "
                         "(inference.feature_dtype)")
     parser.add_argument("--overwrite-cache", action="store_true", help="discard existing prediction caches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def device_argument(value: str) -> str:
+    """argparse ``type`` of ``--device`` (here, in the demos and in ``matcher.match_pairs``): ``cpu``, ``cuda``
+    or ``cuda:N``, checked against this PyTorch build and machine, so that a device that cannot work is one
+    usage error (exit status 2) instead of a traceback from deep inside ``model.to()``."""
+    import torch
+
+    usage = f"expected cpu, cuda or cuda:N, got {value!r}"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(usage) from None
+    if device.type == "cpu":
+        return value
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(usage)
+    if not torch.backends.cuda.is_built():
+        raise argparse.ArgumentTypeError(
+            f"{value}: this PyTorch build ({torch.__version__}) has no CUDA support; use --device cpu, or install "
+            "a CUDA build of PyTorch"
+        )
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: PyTorch {torch.__version__} sees no CUDA GPU; use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{value}: only {count} CUDA GPU(s) visible (cuda:0 .. cuda:{count - 1})")
+    return value
 
 
 def open_caches(

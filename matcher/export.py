@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def export_onnx(
     """Export ``matcher`` (in eval mode) to ONNX for images of ``size0`` and ``size1`` (H, W), batch 1.
 
     Inputs ``image0`` ``(1, 1, H0, W0)``, ``image1`` ``(1, 1, H1, W1)`` float32 in [0, 1]; outputs
-    ``keypoints0``, ``keypoints1``, ``confidence``, ``batch_indexes`` with a dynamic number of matches.
+    ``keypoints0``, ``keypoints1``, ``confidence``, ``batch_indexes`` with a dynamic number of matches
+    (zero included). The graph is traced on CPU; a model on another device is copied, not moved.
     """
     if matcher.training:
         raise ValueError("export a matcher in eval mode (call .eval())")
@@ -43,7 +45,9 @@ def export_onnx(
     size1 = size1 or size0
     dummy = (torch.rand(1, 1, *size0), torch.rand(1, 1, *size1))
     path = Path(path)
-    wrapper = _ImagesToMatches(matcher.cpu()).eval()  # eval: the exporter restores the wrapper's mode after
+    on_cpu = all(p.device.type == "cpu" for p in matcher.parameters())
+    cpu_matcher = matcher if on_cpu else copy.deepcopy(matcher).cpu()  # the caller's model stays where it is
+    wrapper = _ImagesToMatches(cpu_matcher).eval()  # eval: the exporter restores the wrapper's mode after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints taken from shapes (fixed sizes)
         torch.onnx.export(

@@ -105,12 +105,17 @@ def _check_fingerprint(file: h5py.File, fingerprint: str, overwrite: bool) -> No
         )
 
 
+def pending_pairs(pairs: Sequence[tuple[str, str]], out: h5py.File) -> list[tuple[str, str]]:
+    """The pairs whose raw matches ``out`` does not hold yet (those a resumed run still has to match)."""
+    return [p for p in pairs if names_to_pair(*p) + "/raw_scores" not in out]
+
+
 def match_all(matcher: Any, pairs: Sequence[tuple[str, str]], image_dir: Path, out: h5py.File, resize: Any) -> list[str]:
     """Match every pair not yet in ``out`` and store its raw matches; returns one line per failed pair."""
     from .image_io import load_gray
 
     failures = []
-    todo = [p for p in pairs if names_to_pair(*p) + "/raw_scores" not in out]
+    todo = pending_pairs(pairs, out)
     for name0, name1 in tqdm(todo, desc="matching", unit="pair", disable=None):
         try:
             image0 = load_gray(str(image_dir / name0), name0)
@@ -159,6 +164,13 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
     return {"pairs": len(done), "images": len(merged), "matches": total}
 
 
+def _device(value: str) -> str:
+    """``--device``, checked by :func:`matcher.evaluation.device_argument` (imported only when parsing)."""
+    from .evaluation import device_argument
+
+    return device_argument(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pairs", help="text file, one 'NAME0 NAME1' per line")
@@ -166,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="matches.h5", help="matches h5 (hloc layout)")
     p.add_argument("--keypoints-out", help="features h5 with the keypoints (default: <out stem>-keypoints.h5)")
     p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
-    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it")
+    p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
     p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
     p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="backbone + coarse transformer in bf16 (inference.feature_dtype): "
                    "faster on CPUs with AVX512-BF16 / AMX and on GPUs")
     p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
@@ -189,11 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.bf16:
             matcher.config.inference.feature_dtype = "bfloat16"
         resize = args.resize if args.resize is not None else "config"
-        fingerprint = canonical_json({**matcher_fingerprint(matcher, "matcher"), "resize": resize})
-        print(f"matching {len(pairs)} pairs with {which}")
+        # "coordinates": resized keypoints map back with pixel centres at integers (not by scaling, as before)
+        fingerprint = canonical_json({**matcher_fingerprint(matcher, "matcher"), "resize": resize,
+                                      "coordinates": "pixel centres"})
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with h5py.File(out_path, "a") as out:
             _check_fingerprint(out, fingerprint, args.overwrite)
+            todo = len(pending_pairs(pairs, out))
+            done = len(pairs) - todo
+            if not done:
+                print(f"matching {len(pairs)} pairs with {which}")
+            elif todo:
+                print(f"{len(pairs)} pairs: {done} already matched in {out_path} (resuming), "
+                      f"matching the other {todo} with {which}")
+            else:
+                print(f"{done} of {len(pairs)} pairs already matched in {out_path}; nothing to match, writing the hloc files")
             failures = match_all(matcher, pairs, image_dir, out, resize)
             counts = write_hloc(pairs, out, keypoints_path, args.merge_px)
     except (ValueError, FileNotFoundError, OSError) as err:

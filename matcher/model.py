@@ -15,7 +15,7 @@ from torch import nn
 
 from .backbone import ResNetFPN
 from .config import load_config
-from .image_io import ImageLike, load_gray, resize_long_side
+from .image_io import ImageLike, load_gray, resize_long_side, to_input_pixels
 from .matching import FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dense_matching_limit, dual_softmax
 from .matching import mutual_nearest_matches, pad_with_ground_truth
 from .matching import window_expectation
@@ -189,6 +189,8 @@ class Matcher(nn.Module):
                 )
             else:
                 b_ids, i_ids, j_ids, mconf = mutual_nearest_matches(conf, max(mc.thr, 0.0), mc.border_rm, hw0, hw1, fm0, fm1)
+            if torch.jit.is_tracing():  # ONNX export: see _with_placeholder_match
+                b_ids, i_ids, j_ids, mconf = _with_placeholder_match(b_ids, i_ids, j_ids, mconf)
             if self.training and "spv_b_ids" in batch:
                 num_train = int(self._max_candidates(conf, fm0, fm1) * mc.train_coarse_percent)
                 b_ids, i_ids, j_ids, mconf = pad_with_ground_truth(
@@ -238,7 +240,7 @@ class Matcher(nn.Module):
 
         ``name_or_path``: the name of weights shipped in ``matcher/pretrained/`` (``NAME.safetensors`` with its
         ``NAME.yaml`` config), or a checkpoint path. For a path, ``config`` (a config or its name) gives the
-        architecture; by default a ``.yaml`` beside the checkpoint with the same stem, else the defaults.
+        architecture; by default the one :func:`checkpoint_config` finds, else the defaults.
         """
         path = Path(name_or_path)
         if not path.suffix:  # a shipped name
@@ -246,8 +248,14 @@ class Matcher(nn.Module):
             if not path.is_file():
                 shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
                 raise ValueError(f"no shipped weights named {str(name_or_path)!r}; shipped: {shipped or 'none yet'}")
-        if config is None and path.with_suffix(".yaml").is_file():
-            config = str(path.with_suffix(".yaml"))
+        if config is None:
+            config = checkpoint_config(path)
+            if config is None:  # the defaults: say where a config would come from when they do not fit
+                try:
+                    return cls(None).load_weights(path).eval()
+                except ValueError as err:
+                    raise ValueError(f"{err} (no model config found for {path.name}, so the defaults were used: "
+                                     f"pass the config (--config NAME), or put {path.stem}.yaml beside it)") from None
         return cls(config).load_weights(path).eval()
 
     # ----------------------------------------------------------------------------------------- convenience
@@ -276,8 +284,8 @@ class Matcher(nn.Module):
             scales.append(scale)
         out = self({"image0": tensors[0], "image1": tensors[1]})
         return {
-            "keypoints0": out["keypoints0"].float().cpu().numpy() * scales[0],
-            "keypoints1": out["keypoints1"].float().cpu().numpy() * scales[1],
+            "keypoints0": to_input_pixels(out["keypoints0"].float().cpu().numpy(), scales[0]),
+            "keypoints1": to_input_pixels(out["keypoints1"].float().cpu().numpy(), scales[1]),
             "confidence": out["confidence"].float().cpu().numpy(),
         }
 
@@ -286,15 +294,48 @@ class Matcher(nn.Module):
         return f"attention={c.attention}{'-' + c.attn_type if c.attention == 'quadtree' else ''}, d_model={c.d_model}"
 
 
+def checkpoint_config(path: str | Path) -> DictConfig | None:
+    """The model config a checkpoint was written with, if it can be found: ``NAME.yaml`` beside ``NAME.*``,
+    the run's ``model.yaml`` for a checkpoint in a ``train.py`` run's ``checkpoints/`` folder, or the model
+    config a ``train.py`` checkpoint carries in its hyper-parameters (read with ``weights_only=True``)."""
+    path = Path(path)
+    for candidate in (path.with_suffix(".yaml"), path.parent.parent / "model.yaml"):
+        if candidate.is_file() and (candidate.parent == path.parent or path.parent.name == "checkpoints"):
+            return load_config(str(candidate))
+    if path.suffix == ".ckpt" and path.is_file():
+        try:
+            hyper = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+            model_config = hyper["config"]["model_config"]
+        except Exception:  # not a train.py checkpoint (or unreadable: load_weights says why)
+            return None
+        return load_config(None, **model_config)
+    return None
+
+
+def _with_placeholder_match(b_ids, i_ids, j_ids, mconf) -> tuple[torch.Tensor, ...]:
+    """The matches plus one placeholder (cell 0 with cell 0, confidence 0, dropped with the ground-truth pads
+    at the end). A traced graph has no branches: without it, a trace whose example pair had no match would
+    leave the fine stage out for good, and ONNX runtimes fail on the fine stage's reshapes of zero windows."""
+    zero = b_ids.new_zeros(1)
+    return (torch.cat([b_ids, zero]), torch.cat([i_ids, zero]), torch.cat([j_ids, zero]),
+            torch.cat([mconf, mconf.new_zeros(1)]))
+
+
 def matcher_with_description(weights: str | None = None, config: str | None = None) -> tuple[Matcher, str]:
-    """A matcher in eval mode for demos, and a sentence saying which weights it runs with.
+    """A matcher in eval mode for the command-line tools, and a sentence saying which weights it runs with.
 
     ``weights`` None takes the shipped default weights, or, while none are shipped, random weights of
-    ``config`` (default ``lite``) -- and says so, since their matches are meaningless.
+    ``config`` (default ``lite``) -- and says so, since their matches are meaningless. A ``config`` without
+    ``weights`` that is not the shipped weights' own config raises a ValueError instead of being ignored.
     """
     if weights is not None:
         return Matcher.from_pretrained(weights, config=config), f"weights {weights}"
     if (WEIGHTS_DIR / "default.safetensors").is_file():
+        own = WEIGHTS_DIR / "default.yaml"
+        if config is not None and config_to_dict(load_config(config)) != config_to_dict(load_config(str(own))):
+            raise ValueError(f"--config {config} needs --weights: the shipped default weights have their own config "
+                             "(matcher/pretrained/default.yaml); give --weights CHECKPOINT to run another config, "
+                             "or drop --config")
         return Matcher.from_pretrained("default"), "the shipped default weights (matcher/pretrained/default.safetensors)"
     torch.manual_seed(0)
     model = Matcher(load_config(config or "lite")).eval()

@@ -32,18 +32,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = _unpickler_reason(err)
+            if "Unsupported global" not in reason:  # not a pickle at all, or a broken one
+                raise ValueError(f"cannot read checkpoint {path} (not a PyTorch checkpoint, truncated or corrupt?): "
+                                 f"{reason}") from None
             raise ValueError(
                 f"refusing to load {path}: it holds objects other than tensors and plain containers, which "
-                f"could run code when unpickled (loaded with weights_only=True). {first}"
+                f"could run code when unpickled (loaded with weights_only=True): {reason}"
             ) from None
         except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(err).__name__}: {err}") from None
+            raise ValueError(f"cannot read checkpoint {path} (not a PyTorch checkpoint, truncated or corrupt?): "
+                             f"{type(err).__name__}: {err}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (nor one under 'state_dict')")
     return {(k[len("matcher.") :] if k.startswith("matcher.") else k): v for k, v in state.items()}
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The cause torch's weights-only unpickler gives (``Unsupported global: GLOBAL os.system ...`` for a
+    class it refuses, ``Unsupported operand ...`` for bytes that are no pickle), without torch's advice to
+    load with ``weights_only=False``, which would run whatever the file holds."""
+    text = " ".join(str(err).split())
+    marker = "WeightsUnpickler error:"
+    if marker not in text:
+        return text or type(err).__name__
+    reason = text.split(marker, 1)[1].strip()
+    return reason.split(" Please use", 1)[0].split(" Check the documentation", 1)[0].strip()
 
 
 def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str | None:

@@ -19,8 +19,47 @@ def model() -> Matcher:
 
 
 def _on_coarse_grid(kpts: np.ndarray, scale: tuple[float, float]) -> bool:
-    cells = kpts / np.asarray(scale, np.float32) / 8.0
+    """Whether input-pixel keypoints are coarse cell centres (8 x, 8 y) of the resized image, mapped back with
+    pixel centres at integers."""
+    cells = ((kpts + 0.5) / np.asarray(scale, np.float32) - 0.5) / 8.0
     return bool(np.allclose(cells, np.round(cells), atol=1e-3))
+
+
+def test_resized_pixels_map_back_to_the_input_with_pixel_centres_at_integers():
+    """A Gaussian blob at a known sub-pixel spot, found (intensity centroid) in the image resized down and up
+    by ``resize_long_side``, maps back onto the spot; scaling alone misses it by (s - 1) / 2 px."""
+    from matcher.image_io import resize_long_side, to_input_pixels
+
+    h, w, spot = 300, 400, np.array([123.3, 77.6])
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = np.exp(-((xx - spot[0]) ** 2 + (yy - spot[1]) ** 2) / (2 * 6.0**2)).astype(np.float32)
+    for long_side in (160, 250, 1000):
+        resized, scale = resize_long_side(blob, long_side)
+        ry, rx = np.mgrid[0 : resized.shape[0], 0 : resized.shape[1]]
+        centroid = np.array([(resized * rx).sum(), (resized * ry).sum()]) / resized.sum()
+        np.testing.assert_allclose(to_input_pixels(centroid[None], scale)[0], spot, atol=2e-3)
+        assert np.abs(centroid * scale - spot).min() > 0.1  # the plain scaling would not pass
+    with pytest.raises(ValueError, match="resize must be at least 8"):
+        resize_long_side(blob, 4)
+
+
+def test_match_after_resizing_lands_on_the_same_content():
+    """The shipped model on the sample pair, image1 given at twice its size and matched at 640: its keypoints
+    are those of the unresized match mapped through the 2x enlargement (x -> 2 x + 0.5), on average."""
+    from pathlib import Path
+
+    assets = Path(__file__).resolve().parents[1] / "demo" / "assets"
+    image0, image1 = (cv2.imread(str(assets / n), cv2.IMREAD_GRAYSCALE) for n in ("pair_a.png", "pair_b.png"))
+    model = Matcher.from_pretrained("default")
+    ref = model.match(image0, image1, resize=None)
+    big = cv2.resize(image1, (2 * image1.shape[1], 2 * image1.shape[0]), interpolation=cv2.INTER_LINEAR)
+    out = model.match(image0, big, resize=max(image1.shape))
+    by_kp0 = {tuple(k): i for i, k in enumerate(np.round(ref["keypoints0"], 3))}
+    pairs = [(by_kp0[tuple(k)], j) for j, k in enumerate(np.round(out["keypoints0"], 3)) if tuple(k) in by_kp0]
+    assert len(pairs) > 0.8 * len(ref["keypoints0"])
+    i, j = np.array(pairs).T
+    offset = out["keypoints1"][j] - (2 * ref["keypoints1"][i] + 0.5)
+    assert np.abs(np.median(offset, axis=0)).max() < 0.1, np.median(offset, axis=0)
 
 
 def test_keypoints_come_back_in_original_pixels(model):
@@ -76,9 +115,31 @@ def test_bad_inputs_raise_value_errors(model, tmp_path):
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             model.match(bad, good)
+    for resize in (0, -5, 7):
+        with pytest.raises(ValueError, match="resize must be at least 8"):
+            model.match(good, good, resize=resize)
 
 
 def test_blank_image_gives_zero_matches():
     model = Matcher(load_config("lite")).eval()
     out = model.match(np.full((240, 320), 128, np.uint8), np.full((240, 320), 128, np.uint8))
     assert out["keypoints0"].shape == (0, 2) and out["keypoints1"].shape == (0, 2) and out["confidence"].shape == (0,)
+
+
+def test_config_without_weights_is_refused_unless_it_is_the_shipped_one(tmp_path, monkeypatch):
+    """The command-line tools' ``--config`` alone would be ignored (the shipped weights bring their own
+    config): an error, except for the shipped weights' own config (``lite``) or while none are shipped."""
+    import matcher.model as model_module
+
+    if not (model_module.WEIGHTS_DIR / "default.safetensors").is_file():
+        pytest.skip("no shipped default weights")
+    for config in (None, "lite", str(model_module.WEIGHTS_DIR / "default.yaml")):
+        model, which = model_module.matcher_with_description(None, config)
+        assert "shipped default weights" in which and model.config.coarse.attention == "quadtree"
+    with pytest.raises(ValueError, match="--config lite_linear needs --weights"):
+        model_module.matcher_with_description(None, "lite_linear")
+    with pytest.raises(ValueError, match="unknown model config"):
+        model_module.matcher_with_description(None, "no_such_config")
+    monkeypatch.setattr(model_module, "WEIGHTS_DIR", tmp_path)  # nothing shipped: random weights of the config
+    model, which = model_module.matcher_with_description(None, "lite_linear")
+    assert "RANDOM" in which and model.config.coarse.attention == "linear"

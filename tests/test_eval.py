@@ -365,6 +365,20 @@ def test_homography_hpatches_layout(scripts: dict[str, ModuleType], image_folder
     assert row["auc@10"] > 75.0
 
 
+def test_homography_protocol_counts_pairs_like_pose(scripts: dict[str, ModuleType], image_folder: Path, tmp_path: Path) -> None:
+    """With --max-pairs the protocol says how many pairs were listed and how many requested (as eval/pose.py
+    does), not the listed count alone beside a table of fewer pairs."""
+    args = ["--image-dir", str(image_folder), "--num-pairs", "3", "--out", str(tmp_path), "--no-progress",
+            "--no-baselines", "--matcher", "orb"]
+    result = scripts["homography"].main([*args, "--max-pairs", "1"])
+    protocol = json.loads(result["json_path"].read_text())["protocol"]
+    assert protocol["pairs"] == "3 listed (first 1 requested)" and result["rows"][0]["pairs"] == 1
+    assert "source=generated" in protocol["data"] and "3 listed (first 1 requested)" in result["markdown"]
+    assert json.loads(scripts["homography"].main(args)["json_path"].read_text())["protocol"]["pairs"] == "3 listed"
+    assert scripts["common"].pairs_summary(1500, 5) == "1500 listed (first 5 requested)"
+    assert scripts["common"].pairs_summary(1500, 0) == "1500 listed (first 0 requested)"
+
+
 # ----------------------------------------------------------------------------------------------- baselines
 def shifted_pair() -> tuple[np.ndarray, np.ndarray]:
     """A sharp 240x320 uint8 texture and the same texture shifted by (+16, +8) px (x, y)."""
@@ -466,6 +480,37 @@ def test_build_matchers_sets_the_feature_dtype_of_learned_matchers() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- common
+def _no_cuda(monkeypatch: pytest.MonkeyPatch, built: bool) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_device_argument_refuses_a_device_this_torch_cannot_use(
+    scripts: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--device cuda without CUDA is one usage error (exit status 2) naming the problem, not the AssertionError
+    that ``model.to('cuda')`` raises on a CPU build of PyTorch."""
+    import argparse
+
+    device_argument = scripts["common"].device_argument
+    assert device_argument("cpu") == "cpu"
+    for bad in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:N"):
+            device_argument(bad)
+    _no_cuda(monkeypatch, built=False)
+    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA support"):
+        device_argument("cuda")
+    _no_cuda(monkeypatch, built=True)
+    with pytest.raises(argparse.ArgumentTypeError, match="sees no CUDA GPU"):
+        device_argument("cuda:0")
+    for script, source in (("pose", ["--dataset", "synthetic"]), ("homography", ["--image-dir", "x"])):
+        with pytest.raises(SystemExit) as exit_info:
+            scripts[script].build_parser().parse_args([*source, "--device", "cuda"])
+        assert exit_info.value.code == 2 and "argument --device: cuda: PyTorch" in capsys.readouterr().err
+
+
 def test_matcher_names_labels_and_tables(scripts: dict[str, ModuleType]) -> None:
     common = scripts["common"]
     assert common.matcher_names(["lite", "SIFT", "lite"]) == ["sift", "orb", "lite"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +46,30 @@ def test_export_refuses_training_mode_and_bf16_features(tmp_path):
     model = Matcher(load_config("lite", inference={"feature_dtype": "bfloat16"})).eval()
     with pytest.raises(ValueError, match="feature_dtype"):
         export_onnx(model, tmp_path / "m.onnx", (64, 64))
+
+
+def test_onnx_export_traced_without_matches_keeps_the_fine_stage(tmp_path, monkeypatch):
+    """Traced on a black pair (no match), the graph still refines matches: the sample pair gives PyTorch's
+    keypoints, and a black image0 gives no match instead of an onnxruntime error on empty fine windows."""
+    import cv2
+
+    from matcher.image_io import read_image_gray
+
+    model = Matcher.from_pretrained("default")
+    with monkeypatch.context() as patch:  # the exporter's example input: black images
+        patch.setattr(torch, "rand", lambda *shape: torch.zeros(*shape))
+        path = export_onnx(model, tmp_path / "default.onnx", size0=(240, 320))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assets = Path(__file__).resolve().parents[1] / "demo" / "assets"
+    pair = [cv2.resize(read_image_gray(assets / n), (320, 240), interpolation=cv2.INTER_AREA)[None, None]
+            for n in ("pair_a.png", "pair_b.png")]
+    counts = []
+    for image0, image1 in (pair, (np.zeros_like(pair[0]), pair[1])):
+        got = session.run(None, {"image0": image0, "image1": image1})
+        with torch.inference_mode():
+            ref = model({"image0": torch.from_numpy(image0), "image1": torch.from_numpy(image1)})
+        assert got[0].shape == tuple(ref["keypoints0"].shape)
+        np.testing.assert_allclose(got[0], ref["keypoints0"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(got[1], ref["keypoints1"].numpy(), atol=1e-2)
+        counts.append(len(got[0]))
+    assert counts[0] > 100 and counts[1] == 0

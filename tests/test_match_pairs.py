@@ -91,11 +91,18 @@ def test_cli_resumes_counts_failures_and_refuses_other_settings(tmp_path, monkey
     monkeypatch.setattr("matcher.model.matcher_with_description", lambda w, c: (_Wrapped(matcher), "a stub"))
     args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5")]
     assert mp.main(args) == 1  # one pair failed
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "missing.png" in err and "not found" in err
+    assert "matching 2 pairs with a stub" in out
     assert matcher.calls == 1
     assert mp.main(args) == 1 and matcher.calls == 1  # resumed: the finished pair is not matched again
+    # ... and says so, instead of "matching 2 pairs"
+    resumed = f"2 pairs: 1 already matched in {tmp_path / 'm.h5'} (resuming), matching the other 1 with a stub"
+    assert resumed in capsys.readouterr().out
     assert (tmp_path / "m-keypoints.h5").is_file()
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    assert mp.main(args) == 0 and matcher.calls == 1
+    assert "1 of 1 pairs already matched" in capsys.readouterr().out
     assert mp.main(args + ["--resize", "32"]) == 2
     assert "different matcher or settings" in capsys.readouterr().err
 
@@ -125,3 +132,23 @@ def test_cli_bf16_flag_reaches_the_matcher_config(tmp_path, capsys):
     assert mp.main(args + ["--bf16"]) == 0
     assert mp.main(args) == 2
     assert "different matcher or settings" in capsys.readouterr().err
+
+
+def test_cli_refuses_config_without_weights_and_a_missing_device(tmp_path, monkeypatch, capsys):
+    """--config alone would be ignored (the shipped weights bring their own config): an error, exit status 2.
+    --device cuda on a PyTorch without CUDA: a usage error, exit status 2, no traceback."""
+    import torch
+
+    from matcher.model import WEIGHTS_DIR
+
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5")]
+    if (WEIGHTS_DIR / "default.safetensors").is_file():
+        assert mp.main(args + ["--config", "lite_linear"]) == 2
+        assert "--config lite_linear needs --weights" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        mp.main(args + ["--device", "cuda"])
+    assert exit_info.value.code == 2 and "argument --device: cuda: this PyTorch build" in capsys.readouterr().err
+    assert not (tmp_path / "m.h5").exists()

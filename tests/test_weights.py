@@ -73,9 +73,19 @@ def test_wrong_config_names_first_mismatches(lite_model, tmp_path):
 def test_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Payload()}, path)
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(ValueError, match="refusing to load .*Unsupported global: GLOBAL ") as err:
         Matcher(load_config("lite")).load_weights(path)
+    assert "weights_only set to False" not in str(err.value)  # torch's advice would run the payload
     assert not (tmp_path / "pwned").exists()
+
+
+def test_bytes_that_are_no_checkpoint_are_not_called_unsafe(tmp_path):
+    for data in (b"\x01\x02\x03\x04", b"plain text, not a checkpoint"):
+        path = tmp_path / "junk.pt"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match="not a PyTorch checkpoint, truncated or corrupt") as err:
+            Matcher(load_config("lite")).load_weights(path)
+        assert "refusing" not in str(err.value) and "weights_only set to False" not in str(err.value)
 
 
 class _Payload:
@@ -136,3 +146,31 @@ def test_export_weights_cli_writes_fp16_safetensors_and_config(lite_model, tmp_p
     assert abs(len(a["keypoints0"]) - len(b["keypoints0"])) <= max(2, 0.05 * len(a["keypoints0"]))
     assert main([str(ckpt), str(tmp_path / "bad.safetensors"), "--config", "quadtree_b_indoor"]) == 2
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_training_checkpoints_find_their_model_config(lite_model, tmp_path):
+    """A train.py checkpoint loads by path alone: through the run's model.yaml while it sits in the run's
+    checkpoints/ folder, through the model config in its hyper-parameters once copied elsewhere."""
+    from omegaconf import OmegaConf
+
+    from matcher.model import checkpoint_config, config_to_dict
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    state = {f"matcher.{k}": v for k, v in lite_model.state_dict().items()}
+    hyper = {"config": {"model_config": config_to_dict(lite_model.config), "batch_size": 2}}
+    torch.save({"global_step": 3, "state_dict": state, "hyper_parameters": hyper}, run / "checkpoints" / "last.ckpt")
+    OmegaConf.save(lite_model.config, run / "model.yaml")
+    assert config_to_dict(checkpoint_config(run / "checkpoints" / "last.ckpt")) == config_to_dict(lite_model.config)
+    assert _same_weights(Matcher.from_pretrained(run / "checkpoints" / "last.ckpt"), lite_model)
+
+    (run / "model.yaml").unlink()
+    copied = tmp_path / "elsewhere" / "lite.ckpt"
+    copied.parent.mkdir()
+    copied.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    assert _same_weights(Matcher.from_pretrained(copied), lite_model)
+    plain = tmp_path / "plain.pt"  # no config anywhere: the defaults (full width), which do not fit
+    torch.save(lite_model.state_dict(), plain)
+    assert checkpoint_config(plain) is None
+    with pytest.raises(ValueError, match=r"does not fit this model config.*no model config found for plain\.pt.*--config"):
+        Matcher.from_pretrained(plain)

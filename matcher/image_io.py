@@ -36,6 +36,9 @@ def _unit_range(img: np.ndarray, name: str) -> np.ndarray:
         return img.astype(np.float32) / 65535.0
     if img.dtype == np.bool_ or not np.issubdtype(img.dtype, np.number):
         raise ValueError(f"{name}: unsupported dtype {img.dtype}")
+    if not np.issubdtype(img.dtype, np.floating):  # int8/16/32/64, uint32...: no agreed value range
+        raise ValueError(f"{name}: unsupported integer dtype {img.dtype}; give uint8 (0-255), uint16 (0-65535) "
+                         "or float in [0, 1]")
     img = img.astype(np.float32)
     if not np.isfinite(img).all():
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -64,10 +67,16 @@ def to_gray_float(img: np.ndarray, name: str = "image", bgr: bool = False) -> np
 
 def tensor_to_numpy_hwc(t: torch.Tensor, name: str) -> np.ndarray:
     """Channels-first tensor ``(H, W)``, ``(C, H, W)`` or ``(1, C, H, W)`` -> numpy ``(H, W[, C])``."""
+    shape = tuple(t.shape)
     t = t.detach().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16
+        t = t.float()
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]
     if t.ndim == 3:
+        if t.shape[0] not in (1, 3, 4):
+            hint = " (channels last? use .permute(2, 0, 1))" if t.shape[2] in (1, 3, 4) else ""
+            raise ValueError(f"{name}: tensors are channels-first, (C, H, W) with C in 1, 3, 4; got {shape}{hint}")
         t = t.permute(1, 2, 0)
     elif t.ndim != 2:
         raise ValueError(f"{name}: tensor must be (H, W), (C, H, W) or (1, C, H, W), got {tuple(t.shape)}")

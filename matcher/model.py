@@ -43,9 +43,27 @@ def _check_images(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"{key} must be a (B, 1, H, W) tensor, got {shape}")
         if min(img.shape[2:]) < 8:
             raise ValueError(f"{key} is smaller than one coarse cell (8 px): {tuple(img.shape[2:])}")
+        if not img.is_floating_point():
+            raise ValueError(f"{key} must be a float tensor in [0, 1], got {img.dtype} (divide by 255?)")
+        mask_key = "mask" + key[-1]
+        if mask_key in batch and tuple(batch[mask_key].shape) != (img.shape[0], *img.shape[2:]):
+            raise ValueError(f"{mask_key} must be (B, H, W) = {(img.shape[0], *img.shape[2:])} like {key}, "
+                             f"got {tuple(batch[mask_key].shape)}")
     if batch["image0"].shape[0] != batch["image1"].shape[0]:
         raise ValueError("image0 and image1 need the same batch size")
     return batch["image0"], batch["image1"]
+
+
+def _check_values(image0: torch.Tensor, image1: torch.Tensor) -> None:
+    """Inference inputs lie in [0, 1] (one device sync; skipped while tracing, where it cannot run): 0-255
+    floats or NaN would run silently and give a few meaningless matches."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return
+    for key, img in (("image0", image0), ("image1", image1)):
+        low, high = (float(v) for v in torch.aminmax(img.detach()))
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
+            raise ValueError(f"{key} must lie in [0, 1], got values in [{low:g}, {high:g}]"
+                             + (" (divide by 255?)" if high > 1.0 else ""))
 
 
 def _pad_grid(feat: torch.Tensor, mask: torch.Tensor | None, multiple: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -165,6 +183,8 @@ class Matcher(nn.Module):
             ``batch_indexes`` ``(M,)``.
         """
         image0, image1 = _check_images(batch)
+        if not self.training:
+            _check_values(image0, image1)
         cfg = self.config
         mask0, mask1 = (batch[k][:, ::8, ::8].bool() if k in batch else None for k in ("mask0", "mask1"))
         precision, feature_dtype = self._feature_precision()

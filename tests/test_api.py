@@ -111,10 +111,14 @@ def test_bad_inputs_raise_value_errors(model, tmp_path):
         (np.full((64, 64), 3.0, np.float32), r"\[0, 1\]"),
         (np.zeros((64, 64, 2), np.uint8), "shape"),
         ([[0, 1]], "expected a path"),
+        (np.zeros((64, 64), np.int64), "unsupported integer dtype int64"),
+        (torch.zeros(64, 80, 3), r"channels-first.*got \(64, 80, 3\) \(channels last\?"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             model.match(bad, good)
+    half = model.match(torch.from_numpy(good).to(torch.bfloat16)[None], torch.from_numpy(good).half()[None], resize=None)
+    assert half["keypoints0"].shape[1] == 2  # float16 / bfloat16 tensors are read like float32 ones
     for resize in (0, -5, 7):
         with pytest.raises(ValueError, match="resize must be at least 8"):
             model.match(good, good, resize=resize)

@@ -123,6 +123,9 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     md = (tmp_path / "benchmark.md").read_text()
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
     assert "QuadTree-B FLOPs grow" in md and "from 64 to 256 tokens" in md
+    # the quick sizes are not the targets': no attention ratio is reported as if measured at 19,200 tokens
+    assert results["ratios"]["attention_speedup_19200"] is None and results["ratios"]["quadtree_time_growth_1"] is None
+    assert "| met |" not in md and "| not met |" not in md and "n/a (quick)" in md
 
 
 def test_profile_section_reports_stages_and_costliest_operators(bench):

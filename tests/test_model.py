@@ -138,6 +138,11 @@ def test_blank_images_give_no_matches():
         ({"image0": torch.rand(1, 1, 64, 64)}, "image1"),
         ({"image0": torch.rand(1, 1, 4, 64), "image1": torch.rand(1, 1, 64, 64)}, "smaller than one coarse cell"),
         ({"image0": torch.rand(2, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64)}, "batch size"),
+        ({"image0": torch.rand(1, 1, 64, 64) * 255, "image1": torch.rand(1, 1, 64, 64)}, r"\[0, 1\].*divide by 255"),
+        ({"image0": torch.rand(1, 1, 64, 64), "image1": torch.full((1, 1, 64, 64), float("nan"))}, r"image1 must lie in \[0, 1\]"),
+        ({"image0": torch.zeros(1, 1, 64, 64, dtype=torch.uint8), "image1": torch.rand(1, 1, 64, 64)}, "float tensor"),
+        ({"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64), "mask0": torch.ones(1, 8, 8, dtype=torch.bool)},
+         r"mask0 must be \(B, H, W\)"),
     ],
 )
 def test_bad_batches_raise(batch, match):

@@ -6,8 +6,11 @@
     python train.py --set optim.milestones=[3,6] --set loss.fine_weight=0.5   # any config key
 
 Every run writes its resolved config to RUN_DIR/config.yaml, checkpoints to RUN_DIR/checkpoints
-(last.ckpt, refreshed every `trainer.checkpoint_every_n_steps`, and the best by val/auc@10),
-metrics to RUN_DIR/logs and validation figures to RUN_DIR/val_figures.
+(last.ckpt, written atomically every `trainer.checkpoint_every_n_steps`, after every validation and after the
+last step, so it holds the final state of a finished run; and the best by val/auc@10), metrics to RUN_DIR/logs
+and validation figures to RUN_DIR/val_figures. Training always ends with a validation, so a run shorter than
+one validation interval has one too. --resume of a run that reached its max steps / epochs says so and trains
+nothing. Configuration and data errors print one line `error: ...` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+import torch
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from matcher import config_to_dict
-from matcher.training import MatcherDataModule, MatcherModule, build_model_config, load_train_config
+from matcher.training import (
+    ConfigError, DataError, MatcherDataModule, MatcherModule, build_model_config, load_train_config, merge_run_overrides,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,15 +70,47 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def _resume_config(run_dir: Path, extra: list[str]):
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        raise SystemExit(f"--resume: no config.yaml in {run_dir}")
-    cfg = OmegaConf.load(saved)
-    OmegaConf.set_struct(cfg, True)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(extra)) if extra else cfg
+        raise ConfigError(f"--resume: no config.yaml in {run_dir}")
+    return merge_run_overrides(OmegaConf.load(saved), extra)
+
+
+def _finished(ckpt: Path, cfg) -> str | None:
+    """Why the run saved in ``ckpt`` has nothing left to train under ``cfg``'s limits, or None."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated or not a checkpoint
+        raise ConfigError(f"--resume: cannot read {ckpt}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+    step = int(state.get("global_step", 0))
+    fit_loop = state.get("loops", {}).get("fit_loop", {})
+    epoch_progress = fit_loop.get("epoch_progress", {}).get("current", {})
+    # epochs trained: last.ckpt is written within the last batch of an epoch (is_last_batch), before the epoch's
+    # own counters advance; a checkpoint from the end of an epoch has `processed` advanced already
+    last_batch = bool(fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", False))
+    epochs = max(epoch_progress.get("processed", 0), epoch_progress.get("completed", 0) + last_batch) if epoch_progress else None
+    max_steps, max_epochs = cfg.trainer.max_steps, cfg.trainer.max_epochs
+    if max_steps is not None and max_steps >= 0 and step >= max_steps:
+        return f"it reached trainer.max_steps={max_steps} (global step {step}); pass a larger --max-steps to train on"
+    if max_epochs is not None and max_epochs >= 0 and epochs is not None and epochs >= max_epochs:
+        return f"it trained trainer.max_epochs={max_epochs} epochs (global step {step}); pass a larger --max-epochs to train on"
+    return None
+
+
+def is_last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether training ends after this batch: `max_steps` reached, or the last batch of the last epoch."""
+    max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    return (
+        max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+        and batch_idx + 1 >= trainer.num_training_batches
+    )
 
 
 class AtomicCheckpoint(ModelCheckpoint):
     """Writes each checkpoint to a temporary file and renames it, so a run killed at any moment
-    (kill -9 included) never leaves a half-written last.ckpt behind."""
+    (kill -9 included) never leaves a half-written last.ckpt behind. Besides every `every_n_train_steps`, it
+    saves after the last training step (so last.ckpt holds the final state of a finished run) and after every
+    validation (so it also holds the best checkpoint's bookkeeping of that validation)."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
@@ -79,6 +119,47 @@ class AtomicCheckpoint(ModelCheckpoint):
             os.replace(tmp, filepath)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+
+    def _may_save(self, trainer: pl.Trainer) -> bool:
+        return (
+            trainer.state.fn == TrainerFn.FITTING and not trainer.fast_dev_run and not trainer.sanity_checking
+            and trainer.global_step > 0
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._may_save(trainer) and trainer.global_step != self._last_global_step_saved and is_last_step(trainer, batch_idx):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._may_save(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ValidateAtEnd(Callback):
+    """Validates after the last training step when that step is not a scheduled validation step (a run stopped by
+    `max_steps` inside an epoch), so every run ends with validation metrics, figures and a best checkpoint.
+    Setting `should_stop` on the last step is how Lightning is asked to validate before it stops."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if is_last_step(trainer, batch_idx):
+            trainer.should_stop = True
+
+
+class SaveRunConfig(Callback):
+    """Writes RUN_DIR/config.yaml and model.yaml (what Matcher.from_pretrained needs beside the weights) when
+    training starts, after the data is set up."""
+
+    def __init__(self, run_dir: Path, cfg, model_cfg) -> None:
+        self.run_dir, self.cfg, self.model_cfg = run_dir, cfg, model_cfg
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+        OmegaConf.save(self.model_cfg, self.run_dir / "model.yaml")
 
 
 def archive_metrics(run_dir: Path) -> None:
@@ -92,11 +173,12 @@ def archive_metrics(run_dir: Path) -> None:
 
 def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
     t = cfg.trainer
+    # the best checkpoint first: after a validation it updates its bookkeeping before last.ckpt is written
     checkpoints = [
-        AtomicCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
-                        save_top_k=1, save_last=False, enable_version_counter=False),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}-{step}", monitor="val/auc@10",
                         mode="max", save_top_k=1, save_on_train_epoch_end=False),
+        AtomicCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
+                        save_top_k=1, save_last=False, enable_version_counter=False),
     ]
     sync_bn = t.sync_batchnorm if t.sync_batchnorm != "auto" else (str(t.strategy).startswith("ddp"))
     return pl.Trainer(
@@ -107,32 +189,48 @@ def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=t.num_sanity_val_steps,
         sync_batchnorm=bool(sync_bn), use_distributed_sampler=False,  # the data module splits per rank
         logger=CSVLogger(run_dir, name="logs", version=""), enable_progress_bar=True,
-        callbacks=[*checkpoints, LearningRateMonitor(), TQDMProgressBar(refresh_rate=1)],
+        callbacks=[ValidateAtEnd(), *checkpoints, LearningRateMonitor(), TQDMProgressBar(refresh_rate=1)],
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _train(args)
+    except (ConfigError, DataError, MisconfigurationException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg = _resume_config(run_dir, _overrides(argparse.Namespace(**{**vars(args), "run_dir": None})))
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
-            raise SystemExit(f"--resume: no checkpoint {ckpt} yet")
-        archive_metrics(run_dir)
+            raise ConfigError(f"--resume: no checkpoint {ckpt} yet")
+        done = _finished(ckpt, cfg)
+        if done:
+            print(f"run {run_dir} is complete: {done}")
+            return 0
     else:
         cfg = load_train_config(args.config, _overrides(args))
         run_dir, ckpt = Path(cfg.run_dir), None
     pl.seed_everything(cfg.seed, workers=True)
     model_cfg = build_model_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
-    OmegaConf.save(model_cfg, run_dir / "model.yaml")  # what Matcher.from_pretrained needs beside the weights
     module = MatcherModule({**OmegaConf.to_container(cfg, resolve=True), "model_config": config_to_dict(model_cfg)})
     if cfg.init_weights and ckpt is None:
-        module.matcher.load_weights(cfg.init_weights)
+        try:
+            module.matcher.load_weights(cfg.init_weights)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise ConfigError(f"--init-weights {cfg.init_weights}: {' '.join(str(err).split())}") from None
     data = MatcherDataModule(cfg.data, cfg.batch_size, cfg.num_workers, cfg.seed)
     trainer = build_trainer(cfg, run_dir)
+    # config.yaml and model.yaml are written once the data is set up: a run that cannot start leaves no run folder
+    # that looks like a run (and --resume of it keeps its config)
+    trainer.callbacks.append(SaveRunConfig(run_dir, cfg, model_cfg))
+    if ckpt is not None:
+        archive_metrics(run_dir)  # before fit: the CSV logger deletes metrics.csv as soon as it is set up
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
     return 0
 

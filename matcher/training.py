@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,53 +12,187 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .config import load_config, merge_config
+from .config import load_config
 from .model import Matcher
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
+log = logging.getLogger(__name__)
+
+#: Share of a run's total steps the lr warm-up is cut to when the scaled warm-up would not end within the run
+#: (default of ``optim.warmup_cap_fraction``; run folders written before that key existed fall back to it).
+WARMUP_CAP_FRACTION = 0.1
+
 
 # ----------------------------------------------------------------------------------------------- config
+class ConfigError(ValueError):
+    """A training or data config that cannot be used (unknown name or key, wrong value type); the message is
+    one line, meant for the command line."""
+
+
+class DataError(RuntimeError):
+    """The configured data cannot be opened (missing folder or index file, bad data option)."""
+
+
 def _config_path(kind: str, name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"{kind} config file not found: {path}")
         return path
     path = TRAIN_CONFIG_DIR / kind / f"{name_or_path}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in (TRAIN_CONFIG_DIR / kind).glob("*.yaml"))
-        raise ValueError(f"unknown {kind} config {name_or_path!r}; available: {available}")
+        raise ConfigError(f"unknown {kind} config {name_or_path!r}; available: {available}")
     return path
+
+
+def _load_yaml(path: Path, what: str) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml syntax errors
+        raise ConfigError(f"cannot read {what} {path}: {' '.join(str(err).split())}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{what} {path} is not a mapping of keys")
+    return cfg
+
+
+def _dotlist(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as err:  # YAML syntax errors in the value
+            raise ConfigError(f"cannot parse override {item!r}: {' '.join(str(err).split())}") from None
+    return OmegaConf.from_dotlist(overrides)
+
+
+def _which(full_key: str, data_name: str | None) -> str:
+    if full_key == "data" or full_key.startswith("data."):
+        return f"data config {data_name!r}" if data_name else "data config"
+    return "training config"
+
+
+def _merge(base: DictConfig, update: Any, source: str, data_name: str | None = None) -> DictConfig:
+    """``OmegaConf.merge`` with a one-line :class:`ConfigError` naming the config (training or data), the full key
+    and ``source`` (where the bad value came from) instead of omegaconf's multi-line error."""
+    try:
+        merged = OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+        which = _which(key, data_name)
+        if isinstance(err, ConfigKeyError) and "not in struct" in str(err.msg):
+            parent = key.rpartition(".")[0]
+            node = OmegaConf.select(base, parent) if parent else base
+            known = ""
+            if isinstance(node, DictConfig):
+                known = f"; known keys{f' of {parent!r}' if parent else ''}: {', '.join(map(str, node.keys()))}"
+            raise ConfigError(f"invalid {which} ({source}): unknown key {key!r}{known}") from None
+        first = str(getattr(err, "msg", err)).splitlines()[0].strip()
+        raise ConfigError(f"invalid {which} ({source}): {first}" + (f" (key {key!r})" if key else "")) from None
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def _check_types(cfg: DictConfig, reference: DictConfig, which: str, prefix: str = "") -> None:
+    """Numbers and booleans must keep the type of their default (an int is fine where a float is expected);
+    ``trainer.*`` keys may also be null (Lightning's "no limit" / "off")."""
+    for key, ref in reference.items():
+        if key not in cfg:
+            continue
+        value, full = cfg[key], f"{prefix}{key}"
+        if isinstance(ref, DictConfig):
+            if isinstance(value, DictConfig):
+                _check_types(value, ref, which, f"{full}.")
+            continue
+        if value is None and full.startswith("trainer."):
+            continue
+        if isinstance(ref, bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        elif isinstance(ref, int):
+            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(ref, float):
+            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"invalid {which}: {full} must be {wanted}, got {value!r}")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ConfigError(f"invalid training config: batch_size must be at least 1, got {cfg.batch_size}")
+    fraction = cfg.optim.get("warmup_cap_fraction", WARMUP_CAP_FRACTION)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"invalid training config: optim.warmup_cap_fraction must be in [0, 1], got {fraction}")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """The training config: ``configs/train/default.yaml``, then ``path`` merged over it, then dotlist
-    ``overrides`` (``key.sub=value``); unknown keys raise. ``data`` is resolved into its own tree."""
-    cfg = OmegaConf.load(_config_path("train", "default"))
+    ``overrides`` (``key.sub=value``); unknown keys and values of the wrong type raise a :class:`ConfigError`
+    that names the training or the data config. ``data`` is resolved into its own tree."""
+    defaults = _load_yaml(_config_path("train", "default"), "training config")
+    cfg = copy.deepcopy(defaults)
     OmegaConf.set_struct(cfg, True)
     # model keys are checked by load_config against the model config, so this one node stays open
     OmegaConf.set_struct(cfg.model_overrides, False)
     if path is not None:
-        cfg = merge_config(cfg, OmegaConf.load(_config_path("train", str(path))))
+        file = _config_path("train", str(path))
+        cfg = _merge(cfg, _load_yaml(file, "training config"), str(file))
     data_overrides = [o for o in overrides or [] if o.startswith("data.")]
     rest = [o for o in overrides or [] if not o.startswith("data.")]
     if rest:
-        cfg = merge_config(cfg, OmegaConf.from_dotlist(rest))
+        cfg = _merge(cfg, _dotlist(rest), "overrides")
+    _check_types(cfg, defaults, "training config")
+    _check_values(cfg)
+    data_reference = None
     if isinstance(cfg.data, str):
-        OmegaConf.set_struct(cfg, False)
-        data_cfg = OmegaConf.load(_config_path("data", cfg.data))
+        file = _config_path("data", cfg.data)
+        data_reference = _load_yaml(file, "data config")
+        data_cfg = copy.deepcopy(data_reference)
         OmegaConf.set_struct(data_cfg, True)
+        OmegaConf.set_struct(cfg, False)
         cfg.data = data_cfg
         OmegaConf.set_struct(cfg, True)
+    elif not isinstance(cfg.data, DictConfig):
+        raise ConfigError(f"invalid training config: data must be a data config name or YAML path, got {cfg.data!r}")
     if data_overrides:
-        cfg = merge_config(cfg, OmegaConf.from_dotlist(data_overrides))
+        cfg = _merge(cfg, _dotlist(data_overrides), "overrides", data_name=cfg.data.get("name"))
+    if data_reference is not None:
+        _check_types(cfg.data, data_reference, f"data config {cfg.data.get('name')!r}", "data.")
     return cfg
 
 
+def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Overrides given when a run is resumed, merged over its saved ``config.yaml`` with the same checks."""
+    OmegaConf.set_struct(cfg, True)
+    if not overrides:
+        return cfg
+    for item in overrides:
+        if item.startswith(("model=", "data=")):
+            raise ConfigError(f"{item.split('=')[0]} cannot change when a run is resumed ({item!r})")
+    merged = _merge(cfg, _dotlist(overrides), "overrides", data_name=cfg.data.get("name"))
+    defaults = _load_yaml(_config_path("train", "default"), "training config")
+    _check_types(merged, defaults, "training config")
+    _check_values(merged)
+    return merged
+
+
 def build_model_config(cfg: DictConfig) -> DictConfig:
+    """The model config named by ``cfg.model`` with ``cfg.model_overrides`` merged over it; errors are
+    :class:`ConfigError` s of one line."""
     overrides = OmegaConf.to_container(cfg.model_overrides) if cfg.model_overrides else {}
-    return load_config(cfg.model, **overrides)
+    try:
+        return load_config(cfg.model, **overrides)
+    except (ValueError, FileNotFoundError) as err:
+        cause = err.__context__
+        if isinstance(cause, ConfigKeyError) and "not in struct" in str(cause.msg):
+            raise ConfigError(f"invalid model config ({cfg.model!r} + model_overrides): unknown key {cause.full_key!r}") from None
+        raise ConfigError(" ".join(str(err).split())) from None
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -77,6 +213,25 @@ def scaled_lr_and_warmup(optim: DictConfig, total_batch: int) -> tuple[float, in
     return lr, warmup
 
 
+def planned_total_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int) -> int | None:
+    """Optimiser steps the run will take: the smaller of ``max_steps`` and ``max_epochs`` x ``steps_per_epoch``
+    (-1 or None: no limit); None when neither limits the run."""
+    limits = []
+    if max_steps is not None and max_steps >= 0:
+        limits.append(int(max_steps))
+    if max_epochs is not None and max_epochs >= 0:
+        limits.append(int(max_epochs) * int(steps_per_epoch))
+    return min(limits) if limits else None
+
+
+def capped_warmup(warmup: int, total_steps: int | None, fraction: float) -> tuple[int, bool]:
+    """``(warm-up steps, capped)``: a warm-up that would not end within the run (``warmup >= total_steps``: the lr
+    would never reach its target) is cut to ``fraction`` of the run's total steps; any other one is kept."""
+    if total_steps is None or warmup < total_steps:
+        return warmup, False
+    return math.floor(fraction * total_steps), True
+
+
 # ----------------------------------------------------------------------------------------------- module
 class NonFiniteLossError(RuntimeError):
     """Raised instead of stepping the optimiser on a NaN / inf loss."""
@@ -91,6 +246,8 @@ class MatcherModule(pl.LightningModule):
         self.cfg = OmegaConf.create(config)
         self.matcher = Matcher(load_config(None, **config["model_config"]))
         self._val_outputs: list[dict[str, np.ndarray]] = []
+        self.warmup_steps: int | None = None  # the run's lr warm-up, fixed when the run starts (kept on resume)
+        self._resumed_warmup: int | None = None
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -174,9 +331,32 @@ class MatcherModule(pl.LightningModule):
         datamodule = self.trainer.datamodule  # set up before this hook: it knows the epoch length
         batches = datamodule.batches_per_epoch() if datamodule is not None else self.trainer.num_training_batches
         steps_per_epoch = max(1, int(batches) // self.trainer.accumulate_grad_batches)
-        schedule = lambda step: lr_factor(step, int(steps_per_epoch), warmup, optim.warmup_ratio, list(optim.milestones), optim.gamma)  # noqa: E731
+        if self._resumed_warmup is not None:
+            # a resumed run keeps the warm-up it started with, even if a new --max-steps changes its length
+            self.warmup_steps = self._resumed_warmup
+        else:
+            total = planned_total_steps(self.trainer.max_steps, self.trainer.max_epochs, steps_per_epoch)
+            fraction = float(optim.get("warmup_cap_fraction", WARMUP_CAP_FRACTION))
+            self.warmup_steps, capped = capped_warmup(warmup, total, fraction)
+            if capped and self.global_rank == 0:
+                log.warning(
+                    f"lr warm-up: the scaled warm-up of {warmup} steps (optim.warmup_steps {optim.warmup_steps} x "
+                    f"{optim.canonical_bs} / total batch {total_batch}) does not end within the run's {total} steps; "
+                    f"capped to {self.warmup_steps} steps ({fraction:g} of the run, optim.warmup_cap_fraction)"
+                )
+        milestones = list(optim.milestones)
+        # reads self.warmup_steps at every step: a warm-up restored from a checkpoint after this hook still applies
+        schedule = lambda step: lr_factor(step, steps_per_epoch, self.warmup_steps, optim.warmup_ratio, milestones, optim.gamma)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lr_warmup_steps"] = self.warmup_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        warmup = checkpoint.get("lr_warmup_steps")
+        if warmup is not None:
+            self._resumed_warmup = self.warmup_steps = int(warmup)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -221,7 +401,11 @@ class MatcherDataModule(pl.LightningDataModule):
 
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        self.train_set, groups, self.samples_per_group, self.val_set = build_datasets(self.data_cfg, rank, world)
+        try:
+            self.train_set, groups, self.samples_per_group, self.val_set = build_datasets(self.data_cfg, rank, world)
+        except (FileNotFoundError, ValueError) as err:
+            hint = " (where each file goes: datasets/README.md)" if self.data_cfg.get("name") in ("scannet", "megadepth") else ""
+            raise DataError(f"data {self.data_cfg.get('name')!r}: {' '.join(str(err).split())}{hint}") from err
         self.train_groups = groups
 
     def batches_per_epoch(self) -> int:

@@ -59,3 +59,77 @@ def test_nan_loss_stops_the_run(train_main, tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         train_main(_args(tmp_path / "nan", "--max-steps", "2", "--set", "loss.coarse_weight=.nan"))
     assert not (tmp_path / "nan" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_run_stopped_by_max_steps_saves_final_state_and_validates(train_main, tmp_path, capsys):
+    # 3 steps, last.ckpt every 2 steps, validation every 50: before the fix last.ckpt stayed at step 2 and the run
+    # had no validation, no best checkpoint and no figures
+    run = tmp_path / "short"
+    extra = ("--max-steps", "3", "--set", "trainer.checkpoint_every_n_steps=2", "--set", "trainer.val_check_interval=50")
+    assert train_main(_args(run, *extra)) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    assert _step(last) == 3
+    assert not list(run.glob("checkpoints/*.tmp"))
+    assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch=0-step=3.ckpt"]
+    assert [p.name for p in (run / "val_figures").glob("*.png")] == ["step0000003_pair0.png"]
+    assert "val/auc@10" in (run / "logs" / "metrics.csv").read_text()
+    # resuming a finished run says so and trains nothing; a larger budget trains on from the final state
+    capsys.readouterr()
+    stamp = last.stat().st_mtime_ns
+    assert train_main(["--resume", str(run)]) == 0
+    assert "is complete" in capsys.readouterr().out and last.stat().st_mtime_ns == stamp
+    assert train_main(["--resume", str(run), "--max-steps", "4"]) == 0
+    assert _step(last) == 4
+    assert (run / "val_figures" / "step0000004_pair0.png").is_file()
+
+
+def test_run_stopped_by_max_epochs_saves_final_state(train_main, tmp_path, capsys):
+    run = tmp_path / "epochs"  # 3 steps per epoch, last.ckpt every 2 steps
+    args = _args(run, "--max-epochs", "1", "--set", "data.train_length=3", "--set", "trainer.checkpoint_every_n_steps=2")
+    assert train_main(args) == 0
+    assert _step(run / "checkpoints" / "last.ckpt") == 3
+    capsys.readouterr()
+    assert train_main(["--resume", str(run)]) == 0
+    assert "max_epochs=1" in capsys.readouterr().out
+
+
+def test_warmup_longer_than_the_run_is_capped_and_kept_on_resume(train_main, tmp_path, caplog):
+    # batch 1: the published rule gives 4800 x 64 = 307,200 warm-up steps, far beyond a 4-step run
+    run = tmp_path / "warmup"
+    with caplog.at_level("WARNING", logger="matcher.training"):
+        assert train_main(_args(run, "--max-steps", "4", "--set", "optim.warmup_cap_fraction=0.5")) == 0
+    assert [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()] == [
+        "lr warm-up: the scaled warm-up of 307200 steps (optim.warmup_steps 4800 x 64 / total batch 1) does not end "
+        "within the run's 4 steps; capped to 2 steps (0.5 of the run, optim.warmup_cap_fraction)"
+    ]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["lr_warmup_steps"] == 2
+    assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(6e-3 / 64)  # warm-up over
+    # a larger budget on resume would cap the warm-up to 3 steps: the run keeps its 2
+    assert train_main(["--resume", str(run), "--max-steps", "6"]) == 0
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6 and state["lr_warmup_steps"] == 2
+    assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(6e-3 / 64)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--set", "optim.foo=1"], "invalid training config (overrides): unknown key 'optim.foo'"),
+        (["--set", "data.foo=1"], "invalid data config 'synthetic' (overrides): unknown key 'data.foo'"),
+        (["--set", "batch_size=abc"], "invalid training config: batch_size must be an integer, got 'abc'"),
+        (["--set", "model_overrides={coarse: {foo: 1}}"], "invalid model config ('lite' + model_overrides): unknown key 'coarse.foo'"),
+        (["--config", "nope"], "unknown train config 'nope'"),
+        (["--model", "nope"], "unknown model config 'nope'"),
+        (["--data", "nope"], "unknown data config 'nope'"),
+        (["--data", "homography", "--set", "data.image_dir=/nonexistent/photos"], "data 'homography': image folder not found: /nonexistent/photos"),
+        (["--resume", "/nonexistent/run"], "--resume: no config.yaml in /nonexistent/run"),
+    ],
+)
+def test_config_and_data_errors_are_one_line(train_main, tmp_path, capsys, extra, expected):
+    run = tmp_path / "bad"
+    assert train_main(["--run-dir", str(run), "--num-workers", "0", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {expected}"), err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (run / "config.yaml").exists()  # a run that cannot start leaves no config behind

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from matcher.training import EpochSubsetSampler, load_train_config, lr_factor, scaled_lr_and_warmup
+from matcher.training import (
+    ConfigError, EpochSubsetSampler, capped_warmup, load_train_config, lr_factor, planned_total_steps, scaled_lr_and_warmup,
+)
 
 
 def test_lr_schedule_warmup_and_step_decay():
@@ -50,3 +52,46 @@ def test_epoch_sampler_draws_per_group_and_changes_with_epoch():
     assert list(sampler) != first
     huge = EpochSubsetSampler([range(100, 10_000_100)], samples_per_group=5, seed=0)
     assert all(100 <= i < 10_000_100 for i in huge)
+
+
+def _planned_warmup(cfg, world: int = 1, steps_per_epoch: int | None = None) -> int:
+    total_batch = cfg.batch_size * world
+    _, warmup = scaled_lr_and_warmup(cfg.optim, total_batch)
+    if steps_per_epoch is None:
+        steps_per_epoch = cfg.data.train_length // cfg.batch_size
+    total = planned_total_steps(cfg.trainer.max_steps, cfg.trainer.max_epochs, steps_per_epoch)
+    return capped_warmup(warmup, total, cfg.optim.warmup_cap_fraction)
+
+
+def test_warmup_is_capped_only_when_it_outlasts_the_run():
+    assert planned_total_steps(-1, 30, 1000) == 30_000
+    assert planned_total_steps(500, 30, 1000) == 500
+    assert planned_total_steps(-1, -1, 1000) is None
+    assert capped_warmup(307_200, None, 0.1) == (307_200, False)  # no limit: nothing to compare with
+    assert capped_warmup(1499, 1500, 0.1) == (1499, False)
+    assert capped_warmup(1500, 1500, 0.1) == (150, True)  # would end with the last step: never at full lr
+    # bare `python train.py`: batch 1 on the CPU, 30 epochs of 1000 steps
+    assert _planned_warmup(load_train_config()) == (3000, True)
+    assert _planned_warmup(load_train_config(None, ["trainer.max_steps=500"])) == (50, True)
+    # the recipe of the shipped weights keeps its 192-step warm-up (6 x 64 / 2) in 1500 steps
+    assert _planned_warmup(load_train_config("lite_synthetic")) == (192, False)
+    # the published recipes on 8 GPUs at batch 1 keep theirs: 38,400 steps; ScanNet ~1513 scenes x 200 pairs,
+    # MegaDepth ~368 scenes x 100 pairs per epoch, split over the 8 ranks
+    for data, steps_per_epoch in (("scannet", 1513 * 200 // 8), ("megadepth", 368 * 100 // 8)):
+        assert _planned_warmup(load_train_config(None, [f"data={data}"]), 8, steps_per_epoch) == (38_400, False)
+
+
+def test_config_errors_name_the_config_and_the_key():
+    with pytest.raises(ConfigError, match=r"^invalid training config \(overrides\): unknown key 'optim\.foo'; known keys of 'optim': canonical_lr"):
+        load_train_config(None, ["optim.foo=1"])
+    with pytest.raises(ConfigError, match=r"^invalid data config 'synthetic' \(overrides\): unknown key 'data\.foo'"):
+        load_train_config(None, ["data.foo=1"])
+    with pytest.raises(ConfigError, match=r"data\.train_length must be an integer, got 1\.5"):
+        load_train_config(None, ["data.train_length=1.5"])
+    with pytest.raises(ConfigError, match=r"loss\.sparse must be true or false"):
+        load_train_config(None, ["loss.sparse=1"])
+    with pytest.raises(ConfigError, match=r"warmup_cap_fraction must be in \[0, 1\]"):
+        load_train_config(None, ["optim.warmup_cap_fraction=2"])
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        load_train_config(None, ["optim.gamma"])
+    assert load_train_config(None, ["optim.canonical_lr=1", "trainer.max_epochs=null"]).optim.canonical_lr == 1

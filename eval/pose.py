@@ -288,7 +288,7 @@ def pose_protocol(args: argparse.Namespace, data_fingerprint: dict[str, Any], im
         "keypoints": "scaled by the dataset's scale0/scale1 into the frames of K0/K1",
         "pose estimation": (
             f"cv2.findEssentialMat on K-normalised keypoints, RANSAC threshold {args.ransac_thr} px / "
-            f"mean(fx0, fy0, fx1, fy1), confidence {args.ransac_conf}; cv2.recoverPose on every candidate E, "
+            f"mean(fx0, fy1) as LoFTR, confidence {args.ransac_conf}; cv2.recoverPose on every candidate E, "
             "the one with the most inliers kept; fewer than 5 matches = failure"
         ),
         "pose error": (

@@ -97,7 +97,7 @@ def estimate_pose(
     Args:
         kpts0, kpts1: ``(N, 2)`` matched pixel coordinates in the frames of ``K0`` and ``K1``.
         K0, K1: ``(3, 3)`` intrinsics.
-        thresh_px: RANSAC threshold in pixels; OpenCV gets ``thresh_px / mean(fx0, fy0, fx1, fy1)`` in
+        thresh_px: RANSAC threshold in pixels; OpenCV gets ``thresh_px / mean(fx0, fy1)`` in
             normalised coordinates (poselib gets pixels).
         conf: RANSAC confidence.
         method: "opencv" (findEssentialMat + recoverPose on each candidate E, the one with the most
@@ -135,7 +135,7 @@ def _estimate_pose_opencv(
 ) -> PoseEstimate | None:
     """OpenCV path of :func:`estimate_pose` on finite keypoints."""
     K0, K1 = np.asarray(K0, np.float64), np.asarray(K1, np.float64)
-    mean_focal = np.mean([K0[0, 0], K0[1, 1], K1[0, 0], K1[1, 1]])
+    mean_focal = np.mean([K0[0, 0], K1[1, 1]])  # LoFTR's: image0's fx and image1's fy (equal focals: the mean focal)
     norm0, norm1 = normalize_keypoints(kpts0, K0), normalize_keypoints(kpts1, K1)
     if not (np.isfinite(norm0).all() and np.isfinite(norm1).all() and mean_focal > 0):
         return None

@@ -86,6 +86,10 @@ def evaluate_batch(
             hw0 = tuple(int(s) for s in batch["image0"].shape[2:])
             results.append(pair_homography_metrics(k0, k1, _np(batch["H_0to1"][b]), hw0, h_ransac_thr))
             continue
+        truth = [_np(batch[k][b]) for k in ("K0", "K1", "T_0to1", "scale0", "scale1") if k in batch]
+        if not all(np.isfinite(t).all() for t in truth):  # e.g. ScanNet's invalid poses: nothing to compare with
+            results.append({"skipped": "ground truth (K, T_0to1 or scale) not finite"})
+            continue
         if "scale0" in batch:
             k0, k1 = k0 * _np(batch["scale0"][b]), k1 * _np(batch["scale1"][b])
         results.append(
@@ -97,10 +101,13 @@ def evaluate_batch(
 def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     """Pose pairs: AUC@5/10/20 (``auc@5`` ...). Homography pairs: corner-error AUC@3/5/10 px (``auc@3px`` ...)
     and ``auc@10`` = ``auc@10px`` unless pose pairs are present (see the module docstring). Both: mean
-    precision and mean matches over all pairs (percent / count), ``num_pairs``."""
+    precision and mean matches over all pairs (percent / count), ``num_pairs``. Pairs without a finite ground
+    truth are left out of all of these and counted in ``num_skipped`` (as ``eval/pose.py`` skips them)."""
+    skipped = sum("skipped" in r for r in results)
+    results = [r for r in results if "skipped" not in r]
     if not results:
-        return {}
-    summary: dict[str, float] = {}
+        return {"num_skipped": float(skipped)} if skipped else {}
+    summary: dict[str, float] = {"num_skipped": float(skipped)}
     homography = [r for r in results if "corner_error" in r]
     pose = [r for r in results if "pose_error" in r]
     if homography:

@@ -663,6 +663,29 @@ def test_validation_on_homography_batches() -> None:
     assert all(r["corner_error"] == float("inf") for r in few) and summarize(few)["auc@10px"] == 0.0
 
 
+def test_validation_leaves_out_pairs_without_a_finite_pose() -> None:
+    """A pair whose ground-truth pose is not finite (ScanNet's invalid poses) is left out of the AUC and the
+    precision and counted, as eval/pose.py skips it, instead of counting as a failure."""
+    from matcher.validation import evaluate_batch, summarize
+
+    K = np.array([[300.0, 0, 160], [0, 300, 120], [0, 0, 1]])
+    T = np.eye(4)
+    T[:3, 3] = [0.3, 0.0, 0.0]
+    rng = np.random.default_rng(1)
+    X = np.c_[rng.uniform(-1, 1, (80, 2)), rng.uniform(3, 6, 80)]  # points in front of camera 0
+    project = lambda P: (P[:, :2] / P[:, 2:]) * 300 + [160, 120]  # noqa: E731
+    kpts0, kpts1 = project(X), project(X + T[:3, 3])
+    invalid = np.full((4, 4), np.nan)
+    batch = {"image0": torch.zeros(2, 1, 240, 320), "K0": torch.from_numpy(np.stack([K, K])),
+             "K1": torch.from_numpy(np.stack([K, K])), "T_0to1": torch.from_numpy(np.stack([T, invalid]))}
+    results = evaluate_batch(batch, matches_output([kpts0, kpts0], [kpts1, kpts1]), 0.5, 0.99999)
+    assert results[0]["pose_error"] < 0.5 and "skipped" in results[1]
+    summary = summarize(results)
+    assert summary["num_pairs"] == 1 and summary["num_skipped"] == 1 and summary["auc@5"] > 90
+    assert summary["precision"] == 100.0
+    assert summarize(results[1:]) == {"num_skipped": 1.0}
+
+
 def test_validation_keypoints_of_a_dataset_batch(tmp_path: Path) -> None:
     """A HomographyDataset batch through evaluate_batch: points mapped by its own H_0to1 are exact."""
     from matcher.validation import evaluate_batch

@@ -15,8 +15,9 @@ intrinsics frame (resized with nearest neighbour only if the png has another siz
 
 Relative pose: pose files hold camera-to-world matrices C; world-to-camera is inv(C), so
 ``T_0to1 = inv(C1) @ C0`` (X1 = T_0to1 X0) and ``T_1to0 = inv(C0) @ C1``. ScanNet has invalid poses (rows of
--inf / nan): they are kept as they are (T becomes nan) so that the evaluation counts such a pair as failed;
-training supervision finds no valid correspondence for them.
+-inf / nan): they are kept as they are (T becomes nan); the evaluation leaves such a pair out and counts it
+(``eval/pose.py``: the Skipped column; training validation: ``val/num_skipped``), and training supervision
+finds no valid correspondence for it.
 
 Train mode keeps pairs with ``score > min_overlap_score``; val and test keep every listed pair (ScanNet-1500's
 ``test.npz`` has no score). Depth is read in train and val; in test mode (LoFTR does not read it) the depth

@@ -164,14 +164,10 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
     return {"pairs": len(done), "images": len(merged), "matches": total}
 
 
-def _device(value: str) -> str:
-    """``--device``, checked by :func:`matcher.evaluation.device_argument` (imported only when parsing)."""
-    from .evaluation import device_argument
-
-    return device_argument(value)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .evaluation import canonical_json, device_argument, matcher_fingerprint
+    from .model import matcher_with_description
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pairs", help="text file, one 'NAME0 NAME1' per line")
     p.add_argument("--image-dir", required=True, help="folder the image names are relative to")
@@ -181,13 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
     p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
     p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels)")
-    p.add_argument("--device", default="cpu", type=_device, help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="backbone + coarse transformer in bf16 (inference.feature_dtype): "
                    "faster on CPUs with AVX512-BF16 / AMX and on GPUs")
     p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
     args = p.parse_args(argv)
-    from .evaluation import canonical_json, matcher_fingerprint
-    from .model import matcher_with_description
 
     out_path = Path(args.out)
     keypoints_path = Path(args.keypoints_out) if args.keypoints_out else out_path.with_name(f"{out_path.stem}-keypoints.h5")

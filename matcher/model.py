@@ -268,15 +268,15 @@ class Matcher(nn.Module):
             if not path.is_file():
                 shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []
                 raise ValueError(f"no shipped weights named {str(name_or_path)!r}; shipped: {shipped or 'none yet'}")
-        if config is None:
-            config = checkpoint_config(path)
-            if config is None:  # the defaults: say where a config would come from when they do not fit
-                try:
-                    return cls(None).load_weights(path).eval()
-                except ValueError as err:
-                    raise ValueError(f"{err} (no model config found for {path.name}, so the defaults were used: "
-                                     f"pass the config (--config NAME), or put {path.stem}.yaml beside it)") from None
-        return cls(config).load_weights(path).eval()
+        found = config if config is not None else checkpoint_config(path)
+        try:
+            return cls(found).load_weights(path).eval()
+        except ValueError as err:
+            if found is not None:
+                raise
+            # the defaults did not fit: say where a config would come from
+            raise ValueError(f"{err} (no model config found for {path.name}, so the defaults were used: "
+                             f"pass the config (--config NAME), or put {path.stem}.yaml beside it)") from None
 
     # ----------------------------------------------------------------------------------------- convenience
     @torch.inference_mode()
@@ -319,12 +319,15 @@ def checkpoint_config(path: str | Path) -> DictConfig | None:
     the run's ``model.yaml`` for a checkpoint in a ``train.py`` run's ``checkpoints/`` folder, or the model
     config a ``train.py`` checkpoint carries in its hyper-parameters (read with ``weights_only=True``)."""
     path = Path(path)
-    for candidate in (path.with_suffix(".yaml"), path.parent.parent / "model.yaml"):
-        if candidate.is_file() and (candidate.parent == path.parent or path.parent.name == "checkpoints"):
+    candidates = [path.with_suffix(".yaml")]
+    if path.parent.name == "checkpoints":  # train.py: RUN_DIR/checkpoints/*.ckpt beside RUN_DIR/model.yaml
+        candidates.append(path.parent.parent / "model.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
             return load_config(str(candidate))
     if path.suffix == ".ckpt" and path.is_file():
-        try:
-            hyper = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        try:  # memory-mapped: the tensors are not read here, load_weights reads them
+            hyper = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
             model_config = hyper["config"]["model_config"]
         except Exception:  # not a train.py checkpoint (or unreadable: load_weights says why)
             return None

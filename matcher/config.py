@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 #: Folder holding ``configs/model/*.yaml`` in a source checkout (the package is installed editable).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -86,21 +87,43 @@ def load_config(name_or_path: str | Path | None = None, **overrides: Any) -> Dic
     cfg = OmegaConf.create(DEFAULT_CONFIG)
     OmegaConf.set_struct(cfg, True)
     if name_or_path is not None:
-        cfg = merge_config(cfg, OmegaConf.load(_resolve_path(name_or_path)))
+        path = _resolve_path(name_or_path)
+        cfg = merge_config(cfg, OmegaConf.load(path), source=str(path))
     if overrides:
-        cfg = merge_config(cfg, OmegaConf.create(overrides))
+        cfg = merge_config(cfg, OmegaConf.create(overrides), source="overrides")
     validate_config(cfg)
     return cfg
 
 
-def merge_config(base: DictConfig, update: Any) -> DictConfig:
-    """Merge ``update`` over ``base``; a key unknown to ``base`` raises a ValueError naming it."""
+class ConfigError(ValueError):
+    """A config that cannot be used (unknown name or key, wrong value or type); the message is one line,
+    meant for the command line."""
+
+
+def merge_config(base: DictConfig, update: Any, what: str = "model config", source: str | None = None) -> DictConfig:
+    """Merge ``update`` over ``base`` (keys unknown to ``base`` are refused). A failure raises one
+    :class:`ConfigError` line naming ``what`` (which config), ``source`` (where ``update`` came from) and the
+    key, and for an unknown key the known ones, instead of omegaconf's multi-line message."""
     try:
         merged = OmegaConf.merge(base, update)
     except Exception as err:  # omegaconf raises ConfigKeyError / ValidationError subclasses
-        raise ValueError(f"invalid model config: {err}") from None
+        raise ConfigError(_merge_error(err, base, what, source)) from None
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+def _merge_error(err: Exception, base: DictConfig, what: str, source: str | None) -> str:
+    key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+    where = f"invalid {what}" + (f" ({source})" if source else "")
+    if isinstance(err, ConfigKeyError) and "not in struct" in str(err.msg):
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(base, parent) if parent else base
+        known = ""
+        if isinstance(node, DictConfig):
+            known = f"; known keys{f' of {parent!r}' if parent else ''}: {', '.join(map(str, node.keys()))}"
+        return f"{where}: unknown key {key!r}{known}"
+    first = str(getattr(err, "msg", err)).splitlines()[0].strip()
+    return f"{where}: {first}" + (f" (key {key!r})" if key else "")
 
 
 def validate_config(cfg: DictConfig) -> None:

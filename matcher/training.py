@@ -12,10 +12,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .config import load_config
+from .config import ConfigError, load_config, merge_config, validate_config
 from .model import Matcher
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -28,11 +27,6 @@ WARMUP_CAP_FRACTION = 0.1
 
 
 # ----------------------------------------------------------------------------------------------- config
-class ConfigError(ValueError):
-    """A training or data config that cannot be used (unknown name or key, wrong value type); the message is
-    one line, meant for the command line."""
-
-
 class DataError(RuntimeError):
     """The configured data cannot be opened (missing folder or index file, bad data option)."""
 
@@ -71,31 +65,8 @@ def _dotlist(overrides: list[str]) -> DictConfig:
     return OmegaConf.from_dotlist(overrides)
 
 
-def _which(full_key: str, data_name: str | None) -> str:
-    if full_key == "data" or full_key.startswith("data."):
-        return f"data config {data_name!r}" if data_name else "data config"
-    return "training config"
-
-
-def _merge(base: DictConfig, update: Any, source: str, data_name: str | None = None) -> DictConfig:
-    """``OmegaConf.merge`` with a one-line :class:`ConfigError` naming the config (training or data), the full key
-    and ``source`` (where the bad value came from) instead of omegaconf's multi-line error."""
-    try:
-        merged = OmegaConf.merge(base, update)
-    except OmegaConfBaseException as err:
-        key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
-        which = _which(key, data_name)
-        if isinstance(err, ConfigKeyError) and "not in struct" in str(err.msg):
-            parent = key.rpartition(".")[0]
-            node = OmegaConf.select(base, parent) if parent else base
-            known = ""
-            if isinstance(node, DictConfig):
-                known = f"; known keys{f' of {parent!r}' if parent else ''}: {', '.join(map(str, node.keys()))}"
-            raise ConfigError(f"invalid {which} ({source}): unknown key {key!r}{known}") from None
-        first = str(getattr(err, "msg", err)).splitlines()[0].strip()
-        raise ConfigError(f"invalid {which} ({source}): {first}" + (f" (key {key!r})" if key else "")) from None
-    OmegaConf.set_struct(merged, True)
-    return merged
+def _data_config_name(cfg: DictConfig) -> str:
+    return f"data config {cfg.data.get('name')!r}" if cfg.data.get("name") else "data config"
 
 
 def _check_types(cfg: DictConfig, reference: DictConfig, which: str, prefix: str = "") -> None:
@@ -142,11 +113,11 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     OmegaConf.set_struct(cfg.model_overrides, False)
     if path is not None:
         file = _config_path("train", str(path))
-        cfg = _merge(cfg, _load_yaml(file, "training config"), str(file))
+        cfg = merge_config(cfg, _load_yaml(file, "training config"), "training config", str(file))
     data_overrides = [o for o in overrides or [] if o.startswith("data.")]
     rest = [o for o in overrides or [] if not o.startswith("data.")]
     if rest:
-        cfg = _merge(cfg, _dotlist(rest), "overrides")
+        cfg = merge_config(cfg, _dotlist(rest), "training config", "overrides")
     _check_types(cfg, defaults, "training config")
     _check_values(cfg)
     data_reference = None
@@ -161,7 +132,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     elif not isinstance(cfg.data, DictConfig):
         raise ConfigError(f"invalid training config: data must be a data config name or YAML path, got {cfg.data!r}")
     if data_overrides:
-        cfg = _merge(cfg, _dotlist(data_overrides), "overrides", data_name=cfg.data.get("name"))
+        cfg = merge_config(cfg, _dotlist(data_overrides), _data_config_name(cfg), "overrides")
     if data_reference is not None:
         _check_types(cfg.data, data_reference, f"data config {cfg.data.get('name')!r}", "data.")
     return cfg
@@ -175,7 +146,11 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for item in overrides:
         if item.startswith(("model=", "data=")):
             raise ConfigError(f"{item.split('=')[0]} cannot change when a run is resumed ({item!r})")
-    merged = _merge(cfg, _dotlist(overrides), "overrides", data_name=cfg.data.get("name"))
+    data_overrides = [o for o in overrides if o.startswith("data.")]
+    rest = [o for o in overrides if not o.startswith("data.")]
+    merged = merge_config(cfg, _dotlist(rest), "training config", "overrides") if rest else cfg
+    if data_overrides:
+        merged = merge_config(merged, _dotlist(data_overrides), _data_config_name(cfg), "overrides")
     defaults = _load_yaml(_config_path("train", "default"), "training config")
     _check_types(merged, defaults, "training config")
     _check_values(merged)
@@ -185,13 +160,14 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 def build_model_config(cfg: DictConfig) -> DictConfig:
     """The model config named by ``cfg.model`` with ``cfg.model_overrides`` merged over it; errors are
     :class:`ConfigError` s of one line."""
-    overrides = OmegaConf.to_container(cfg.model_overrides) if cfg.model_overrides else {}
     try:
-        return load_config(cfg.model, **overrides)
-    except (ValueError, FileNotFoundError) as err:
-        cause = err.__context__
-        if isinstance(cause, ConfigKeyError) and "not in struct" in str(cause.msg):
-            raise ConfigError(f"invalid model config ({cfg.model!r} + model_overrides): unknown key {cause.full_key!r}") from None
+        model_cfg = load_config(cfg.model)
+        if cfg.model_overrides:
+            overrides = OmegaConf.to_container(cfg.model_overrides)
+            model_cfg = merge_config(model_cfg, overrides, source=f"{cfg.model!r} + model_overrides")
+            validate_config(model_cfg)
+        return model_cfg
+    except (ValueError, FileNotFoundError) as err:  # ConfigError included: one line already
         raise ConfigError(" ".join(str(err).split())) from None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from matcher.allocator import reuse_freed_memory
-from matcher.evaluation import device_argument
+from matcher.evaluation import add_precision_arguments, device_argument, feature_dtype_argument
 from matcher.image_io import load_gray
 from matcher.metrics import epipolar_precision
 from matcher.model import matcher_with_description
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="matches.png", help="output picture")
     p.add_argument("--max-matches", type=int, default=1000, help="draw at most this many matches")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
-    p.add_argument("--bf16", action="store_true", help="backbone + coarse transformer in bf16 (inference.feature_dtype): "
-                   "faster on CPUs with AVX512-BF16 / AMX and on GPUs")
+    add_precision_arguments(p, default=None)
     p.add_argument("--truth", help="npz with K0, K1, T_0to1 (default: the sample pair's, for the sample pair)")
     args = p.parse_args(argv)
     if args.image1 is None:
@@ -63,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, which = matcher_with_description(args.weights, args.config)
         model = model.to(args.device)
-        if args.bf16:
-            model.config.inference.feature_dtype = "bfloat16"
+        if feature_dtype_argument(args) is not None:
+            model.config.inference.feature_dtype = feature_dtype_argument(args)
         resize = args.resize if args.resize is not None else "config"
         images = [load_gray(path, name) for path, name in ((args.image0, "image0"), (args.image1, "image1"))]
         start = time.perf_counter()
@@ -75,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     n = len(result["confidence"])
-    print(f"{n} matches in {elapsed:.2f} s on {args.device} with {which}")
+    print(f"{n} matches in {elapsed:.2f} s on {args.device} (backbone + coarse transformer in {model.feature_dtype()}) "
+          f"with {which}")
     title = f"{n} matches, {elapsed:.2f} s ({which.split(':')[0]})"
     if correct is not None:
         share = float(correct.mean()) if n else float("nan")

@@ -34,6 +34,7 @@ from matcher.evaluation import (
     add_common_arguments,
     build_matchers,
     close_all,
+    feature_dtype_argument,
     finite_mean,
     matcher_names,
     open_caches,
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_pairs is not None:
         num_pairs = min(num_pairs, args.max_pairs)
     names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device, args.config, "bfloat16" if args.bf16 else None)
+    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args))
     caches = open_caches(args.out, prefix, names, matchers, data_fingerprint, args.overwrite_cache)
     try:
         run = run_pairs(

@@ -40,6 +40,7 @@ from matcher.evaluation import (
     add_common_arguments,
     build_matchers,
     close_all,
+    feature_dtype_argument,
     finite_mean,
     matcher_names,
     open_caches,
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_fingerprint = {**data_fingerprint, "resize": args.resize}
     num_pairs = len(dataset) if args.max_pairs is None else min(args.max_pairs, len(dataset))
     names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device, args.config, "bfloat16" if args.bf16 else None)
+    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args))
     caches = open_caches(args.out, f"pose-{args.dataset}", names, matchers, data_fingerprint, args.overwrite_cache)
     try:
         run = run_pairs(

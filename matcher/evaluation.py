@@ -96,18 +96,22 @@ def matcher_fingerprint(matcher: Any, name: str) -> dict[str, Any]:
         raise TypeError(f"cannot fingerprint matcher {name!r} ({type(matcher).__name__}): no describe() or config")
     from omegaconf import OmegaConf
 
-    return {
+    fingerprint = {
         "matcher": type(matcher).__name__,
         "config": OmegaConf.to_container(config, resolve=True),
         "weights_sha256": parameters_digest(matcher),
     }
+    if config.get("inference", {}).get("feature_dtype") == "auto":  # the machine decides: record what it chose
+        fingerprint["feature_dtype_resolved"] = matcher.feature_dtype()
+    return fingerprint
 
 
 def build_matchers(names: Sequence[str], device: str, config: str | None = None, feature_dtype: str | None = None) -> dict[str, Any]:
     """``{label: matcher}`` for the given names (see ``matcher.baselines.build_matcher``; ``config`` is the
     architecture of checkpoints with no ``.yaml`` beside them; ``feature_dtype``, when given, overrides the
-    learned matchers' ``inference.feature_dtype``). The torch seed is fixed first so that a config name
-    (random weights) builds the same model on every run."""
+    learned matchers' ``inference.feature_dtype``: the evaluation scripts pin ``float32`` unless ``--bf16``,
+    so that a protocol's numbers do not depend on the CPU). The torch seed is fixed first so that a config
+    name (random weights) builds the same model on every run."""
     import torch
 
     torch.manual_seed(0)
@@ -423,10 +427,26 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs")
     parser.add_argument("--out", default="eval_results", help="folder for the tables and the prediction caches")
     parser.add_argument("--device", default="cpu", type=device_argument, help="device of learned matchers: cpu, cuda or cuda:N")
-    parser.add_argument("--bf16", action="store_true", help="learned matchers: backbone + coarse transformer in bf16 "
-                        "(inference.feature_dtype)")
+    add_precision_arguments(parser, default="float32")
     parser.add_argument("--overwrite-cache", action="store_true", help="discard existing prediction caches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--bf16`` and ``--fp32``: the learned matchers' backbone + coarse transformer precision
+    (``inference.feature_dtype``), read back by :func:`feature_dtype_argument`. ``default``: the value without
+    either flag (None: the model config's own, ``auto`` unless it says otherwise)."""
+    group = parser.add_mutually_exclusive_group()
+    default_text = "the model config's (auto: bf16 on CPUs with AVX512-BF16 / AMX)" if default is None else default
+    group.add_argument("--bf16", action="store_true", help="learned matchers: backbone + coarse transformer in bf16 "
+                       f"(inference.feature_dtype; default {default_text})")
+    group.add_argument("--fp32", action="store_true", help="learned matchers: backbone + coarse transformer in float32")
+    parser.set_defaults(feature_dtype_default=default)
+
+
+def feature_dtype_argument(args: argparse.Namespace) -> str | None:
+    """The ``inference.feature_dtype`` chosen with :func:`add_precision_arguments` (None: leave the config's)."""
+    return "bfloat16" if args.bf16 else "float32" if args.fp32 else args.feature_dtype_default
 
 
 def device_argument(value: str) -> str:

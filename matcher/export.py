@@ -39,9 +39,9 @@ def export_onnx(
     """
     if matcher.training:
         raise ValueError("export a matcher in eval mode (call .eval())")
-    if matcher.config.inference.feature_dtype != "float32":  # autocast would trace bf16 ops ONNX runtimes lack
-        raise ValueError(f"export traces the float32 model: set inference.feature_dtype to 'float32' "
-                         f"(got {matcher.config.inference.feature_dtype!r})")
+    if matcher.config.inference.feature_dtype == "bfloat16":  # autocast would trace bf16 ops ONNX runtimes lack
+        raise ValueError("export traces the float32 model: set inference.feature_dtype to 'float32' or 'auto' "
+                         "(got 'bfloat16')")
     size1 = size1 or size0
     dummy = (torch.rand(1, 1, *size0), torch.rand(1, 1, *size1))
     path = Path(path)

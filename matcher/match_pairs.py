@@ -165,7 +165,7 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .evaluation import canonical_json, device_argument, matcher_fingerprint
+    from .evaluation import add_precision_arguments, canonical_json, device_argument, feature_dtype_argument, matcher_fingerprint
     from .model import matcher_with_description
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
     p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels)")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
-    p.add_argument("--bf16", action="store_true", help="backbone + coarse transformer in bf16 (inference.feature_dtype): "
-                   "faster on CPUs with AVX512-BF16 / AMX and on GPUs")
+    add_precision_arguments(p, default=None)
     p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
     args = p.parse_args(argv)
 
@@ -192,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"image folder not found: {image_dir}")
         matcher, which = matcher_with_description(args.weights, args.config)
         matcher = matcher.to(args.device)
-        if args.bf16:
-            matcher.config.inference.feature_dtype = "bfloat16"
+        if feature_dtype_argument(args) is not None:
+            matcher.config.inference.feature_dtype = feature_dtype_argument(args)
+        which += f" (backbone + coarse transformer in {matcher.feature_dtype()})"
         resize = args.resize if args.resize is not None else "config"
         # "coordinates": resized keypoints map back with pixel centres at integers (not by scaling, as before)
         fingerprint = canonical_json({**matcher_fingerprint(matcher, "matcher"), "resize": resize,

@@ -29,8 +29,31 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained"
 
 OUTPUT_KEYS = ("keypoints0", "keypoints1", "confidence", "batch_indexes")
 
-#: Values of ``inference.feature_dtype``: the precision of the backbone and the coarse transformer in eval mode.
-FEATURE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+#: Values of ``inference.feature_dtype``: the precision of the backbone and the coarse transformer in eval mode
+#: ("auto": :func:`resolve_feature_dtype`).
+FEATURE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX). There bf16 matrix products
+    and convolutions run about twice as fast as float32 (AMX: more); elsewhere bf16 is emulated and slower."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_feature_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
+    """The dtype of ``inference.feature_dtype`` ``name`` on ``device`` (None: float32, or an outer autocast).
+
+    ``auto`` is bfloat16 on a CPU with native bf16 (:func:`cpu_has_native_bf16`), float32 elsewhere: on GPUs
+    (the published precision) and while tracing for export (the graph stays float32). bf16 features keep
+    about 99% of the float32 matches within 1 px (README, "Speed and memory").
+    """
+    if name not in FEATURE_DTYPES:
+        raise ValueError(f"inference.feature_dtype must be one of {list(FEATURE_DTYPES)}, got {name!r}")
+    if name == "auto":
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        native = torch.device(device).type == "cpu" and not tracing and cpu_has_native_bf16()
+        name = "bfloat16" if native else "float32"
+    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def _check_images(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +117,7 @@ class Matcher(nn.Module):
             config = load_config(config)
         self.config = copy.deepcopy(config)
         cfg = self.config
-        if cfg.inference.feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(f"inference.feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {cfg.inference.feature_dtype!r}")
+        resolve_feature_dtype(cfg.inference.feature_dtype, "cpu")  # a misspelled value fails here, not at the first pair
         self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(
@@ -106,13 +128,23 @@ class Matcher(nn.Module):
         self.loftr_fine = LocalFeatureTransformer(f.d_model, f.nhead, list(f.layer_names), f.attention)
 
     # ----------------------------------------------------------------------------------------- stages
+    def feature_dtype(self) -> str:
+        """What the backbone and the coarse transformer run in, in eval mode on the model's current device:
+        ``"float32"`` or ``"bfloat16"`` (``inference.feature_dtype`` with "auto" resolved, see
+        :func:`resolve_feature_dtype`)."""
+        dtype = resolve_feature_dtype(self.config.inference.feature_dtype, self._device())
+        return "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def _feature_precision(self) -> tuple[contextlib.AbstractContextManager, torch.dtype | None]:
         """Autocast context for the backbone and the coarse transformer (``inference.feature_dtype``, eval
         mode only) and the dtype it runs them in (None: unchanged, an outer autocast included)."""
-        dtype = None if self.training else FEATURE_DTYPES[self.config.inference.feature_dtype]
+        dtype = None if self.training else resolve_feature_dtype(self.config.inference.feature_dtype, self._device())
         if dtype is None:
             return contextlib.nullcontext(), None
-        return torch.autocast(next(self.parameters()).device.type, dtype=dtype), dtype
+        return torch.autocast(self._device().type, dtype=dtype), dtype
 
     def extract_features(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Backbone maps ``coarse0, fine0, coarse1, fine1``; one pass when both images share a size
@@ -296,7 +328,7 @@ class Matcher(nn.Module):
             than one coarse cell.
         """
         long_side = self.config.inference.resize if resize == "config" else resize
-        device = next(self.parameters()).device
+        device = self._device()
         tensors, scales = [], []
         for name, image in (("image0", image0), ("image1", image1)):
             gray, scale = resize_long_side(load_gray(image, name), long_side)

@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inference.feature_dtype: auto`` runs bf16 on CPUs with native bf16: every test sees a CPU without it,
+    so that its numbers do not depend on the machine, unless marked ``native_bf16`` (then it sees one with it)."""
+    from matcher import model
+
+    native = request.node.get_closest_marker("native_bf16") is not None
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+
+
 @pytest.fixture
 def kernel_device() -> torch.device:
     """Where the Triton kernels' tests run: the GPU (compiled), else the CPU through Triton's interpreter."""

@@ -97,6 +97,34 @@ def test_throughput_section_times_every_configuration_and_reports_failures(bench
     assert "| 128x96 | ours_bf16 |" in table and "| 128x96 | kornia_loftr_fp32 | failed: RuntimeError" in table
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_e2e_times_the_default_precision_of_the_machine(bench, monkeypatch, native):
+    """The end-to-end section names the configuration the model runs by default here (bf16 features where
+    ``feature_dtype: auto`` picks bf16, else fp32) and times it, so the target ratio is the default's."""
+    from matcher import model
+
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
+    out = bench.section_e2e((64, 64), "cpu", 1, with_kornia=False, autocast=None)
+    assert out["default"] == ("ours_bf16_features" if native else "ours_fp32")
+    assert out["default"] in out["seconds"] and out["default"] in out["matches"]
+
+
+@pytest.mark.native_bf16
+def test_agreement_reference_is_float32_where_auto_picks_bf16(bench, monkeypatch):
+    """On a CPU where the default precision is bf16, the agreement section still compares with float32."""
+    run_pair, precisions = bench.run_pair, []
+
+    def recording_run_pair(model, *args):
+        precisions.append((model.feature_dtype(), args[2] if len(args) > 2 else None))  # (features, autocast)
+        return run_pair(model, *args)
+
+    monkeypatch.setattr(bench, "run_pair", recording_run_pair)
+    out = bench.section_agreement((96, 128), "cpu", [torch.bfloat16])
+    assert precisions[0] == ("float32", None)  # the reference
+    assert ("bfloat16", None) in precisions and ("float32", torch.bfloat16) in precisions
+    assert out["fp32_matches"] > 0 and 0.0 <= out["bf16_features"]["kept_within_1px"] <= 1.0
+
+
 def test_quick_run_writes_json_and_table(bench, tmp_path):
     sections = "e2e,agreement,attention,memory,flops"
     assert bench.main(["--quick", "--out", str(tmp_path), "--sections", sections]) == 0
@@ -105,6 +133,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert all(v > 0 for v in results["matmul_gflops"].values())
     e2e = results["e2e"]["seconds"]
     assert {"ours_fp32", "ours_fp32_direct_conv", "kornia_loftr_fp32"} <= set(e2e) and all(v > 0 for v in e2e.values())
+    assert results["e2e"]["default"] == "ours_fp32"  # the tests see a CPU without native bf16 (conftest)
+    assert results["e2e"]["time_ratio"] == results["e2e"]["time_ratio_fp32"]
     assert results["machine"]["reuse_freed_memory"] is True  # children (memory, attention) apply it too
     assert 0.95 <= results["agreement"]["winograd_kept_within_1px"] <= 1.0
     if "bf16" in results["matmul_gflops"]:  # CPUs with AVX-512: the bf16 paths are timed and compared too

@@ -472,11 +472,44 @@ def test_build_matcher_dispatch(tmp_path: Path) -> None:
 def test_build_matchers_sets_the_feature_dtype_of_learned_matchers() -> None:
     from matcher.evaluation import build_matchers, matcher_fingerprint
 
-    fp32 = build_matchers(["lite", "sift"], "cpu")
+    fp32 = build_matchers(["lite", "sift"], "cpu", feature_dtype="float32")
     bf16 = build_matchers(["lite", "sift"], "cpu", feature_dtype="bfloat16")
     assert bf16["lite"].config.inference.feature_dtype == "bfloat16" and fp32["lite"].config.inference.feature_dtype == "float32"
     assert matcher_fingerprint(bf16["lite"], "lite") != matcher_fingerprint(fp32["lite"], "lite")  # caches stay apart
     assert matcher_fingerprint(bf16["sift"], "sift") == matcher_fingerprint(fp32["sift"], "sift")
+    assert build_matchers(["lite"], "cpu")["lite"].config.inference.feature_dtype == "auto"  # None: the config's
+
+
+def test_fingerprint_of_auto_precision_records_what_the_machine_chose(monkeypatch) -> None:
+    """With ``feature_dtype: auto`` the CPU decides the precision: a cache written where auto meant bf16 is
+    refused where it means float32, and vice versa."""
+    from matcher import model as model_module
+    from matcher.evaluation import build_matchers, matcher_fingerprint
+
+    auto = build_matchers(["lite"], "cpu")["lite"]
+    without = matcher_fingerprint(auto, "lite")
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    with_native = matcher_fingerprint(auto, "lite")
+    assert without["feature_dtype_resolved"] == "float32" and with_native["feature_dtype_resolved"] == "bfloat16"
+    pinned = build_matchers(["lite"], "cpu", feature_dtype="float32")["lite"]
+    assert "feature_dtype_resolved" not in matcher_fingerprint(pinned, "lite")  # pinned: the config says it all
+
+
+def test_precision_flags_of_the_evaluation_scripts_and_the_tools() -> None:
+    """Evaluation protocols run float32 unless --bf16 (numbers independent of the CPU); the demo and
+    match_pairs keep the config's precision (auto) unless --bf16 / --fp32; the two flags exclude each other."""
+    import argparse
+
+    from matcher.evaluation import add_precision_arguments, feature_dtype_argument
+
+    for default, expected in (("float32", "float32"), (None, None)):
+        parser = argparse.ArgumentParser()
+        add_precision_arguments(parser, default)
+        assert feature_dtype_argument(parser.parse_args([])) == expected
+        assert feature_dtype_argument(parser.parse_args(["--bf16"])) == "bfloat16"
+        assert feature_dtype_argument(parser.parse_args(["--fp32"])) == "float32"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--bf16", "--fp32"])
 
 
 # ----------------------------------------------------------------------------------------------- common

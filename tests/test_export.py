@@ -39,6 +39,24 @@ def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
         np.testing.assert_allclose(got[2], ref["confidence"].numpy(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.native_bf16
+def test_onnx_export_of_auto_precision_traces_float32(tmp_path):
+    """``feature_dtype: auto`` (the default) exports on a CPU with native bf16 too: the graph is traced in
+    float32 and gives the float32 model's matches, not bf16 ones."""
+    torch.manual_seed(0)
+    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    assert model.feature_dtype() == "bfloat16"
+    path = export_onnx(model, tmp_path / "lite.onnx", size0=(96, 128))
+    image0, image1 = (torch.from_numpy(textured_image(96, 128, seed))[None, None] for seed in (1, 2))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image0": image0.numpy(), "image1": image1.numpy()})
+    model.config.inference.feature_dtype = "float32"
+    with torch.inference_mode():
+        ref = model({"image0": image0, "image1": image1})
+    assert len(ref["keypoints0"]) > 0 and got[0].shape == tuple(ref["keypoints0"].shape)
+    np.testing.assert_allclose(got[1], ref["keypoints1"].numpy(), atol=1e-3)
+
+
 def test_export_refuses_training_mode_and_bf16_features(tmp_path):
     model = Matcher(load_config("lite"))
     with pytest.raises(ValueError, match="eval mode"):

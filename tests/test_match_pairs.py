@@ -108,7 +108,7 @@ def test_cli_resumes_counts_failures_and_refuses_other_settings(tmp_path, monkey
 
 
 class _Wrapped:
-    """Gives the stub what main() needs: describe() for the fingerprint and .to()."""
+    """Gives the stub what main() needs: describe() for the fingerprint, .to() and feature_dtype()."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -118,6 +118,9 @@ class _Wrapped:
 
     def describe(self):
         return {"matcher": "stub"}
+
+    def feature_dtype(self):
+        return "float32"
 
     def match(self, *args, **kwargs):
         return self.inner.match(*args, **kwargs)

@@ -233,8 +233,48 @@ def test_bfloat16_features_keep_the_float32_matches(image_pair):
 
 
 def test_feature_dtype_is_checked_and_training_ignores_it():
-    with pytest.raises(ValueError, match="feature_dtype"):
+    with pytest.raises(ValueError, match="feature_dtype must be one of"):
         Matcher(load_config("lite", inference={"feature_dtype": "fp16"}))
     model = Matcher(load_config("lite", inference={"feature_dtype": "bfloat16"}))
     assert model.training and model._feature_precision()[1] is None
     assert model.eval()._feature_precision()[1] == torch.bfloat16
+
+
+def test_auto_feature_dtype_is_float32_on_a_cpu_without_native_bf16(image_pair):
+    """The default ``auto``: on a CPU without native bf16 (what every unmarked test sees) and on a GPU the
+    backbone and coarse transformer run in float32, so the default gives the float32 matches exactly."""
+    from matcher.model import resolve_feature_dtype
+
+    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    assert model.config.inference.feature_dtype == "auto" and model.feature_dtype() == "float32"
+    assert model._feature_precision()[1] is None
+    assert resolve_feature_dtype("auto", "cuda") is None and resolve_feature_dtype("bfloat16", "cuda") == torch.bfloat16
+    with torch.inference_mode():
+        auto = model({"image0": image_pair[0], "image1": image_pair[1]})
+        model.config.inference.feature_dtype = "float32"
+        fp32 = model({"image0": image_pair[0], "image1": image_pair[1]})
+    assert len(fp32["keypoints0"]) > 0
+    for key in fp32:
+        assert torch.equal(auto[key], fp32[key])
+
+
+@pytest.mark.native_bf16
+def test_auto_feature_dtype_is_bfloat16_on_a_cpu_with_native_bf16(image_pair):
+    """On a CPU with AVX512-BF16 / AMX ``auto`` runs the backbone and coarse transformer in bf16 (as
+    ``bfloat16`` does: same matches), the rest in float32; training and GPUs keep float32."""
+    from matcher.model import resolve_feature_dtype
+
+    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    assert model.feature_dtype() == "bfloat16" and resolve_feature_dtype("auto", torch.device("cuda", 0)) is None
+    assert model.train()._feature_precision()[1] is None
+    model.eval()
+    seen = {}
+    model.loftr_coarse.register_forward_pre_hook(lambda mod, args: seen.update(coarse=args[0].dtype))
+    with torch.inference_mode():
+        auto = model({"image0": image_pair[0], "image1": image_pair[1]})
+        model.config.inference.feature_dtype = "bfloat16"
+        bf16 = model({"image0": image_pair[0], "image1": image_pair[1]})
+    assert seen == {"coarse": torch.bfloat16} and auto["keypoints1"].dtype == torch.float32
+    assert len(bf16["keypoints0"]) > 0
+    for key in bf16:
+        assert torch.equal(auto[key], bf16[key])

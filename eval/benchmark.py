@@ -39,6 +39,7 @@ import torch
 
 from matcher.allocator import reuse_freed_memory
 from matcher.metrics import matches_kept
+from matcher.model import resolve_feature_dtype
 
 ASSETS = Path(__file__).resolve().parents[1] / "demo" / "assets"
 
@@ -313,8 +314,6 @@ def section_e2e(hw: tuple[int, int], device: str, repeats: int, with_kornia: boo
     ``default`` names the configuration the model runs by default on this machine (``inference.feature_dtype:
     auto``: bf16 features on a CPU with native bf16, else fp32); the target ratio is taken from it, and
     ``time_ratio_fp32`` from fp32."""
-    from matcher.model import resolve_feature_dtype
-
     ours = build_ours("quadtree_b_indoor", device)
     x0, x1 = sample_pair(hw, device)
     fns = {"ours_fp32": lambda: run_pair(ours, x0, x1)}
@@ -450,21 +449,26 @@ class StageTimer:
         self._hooks.clear()
 
 
-def stage_reference_rates(device: str, rates: dict[str, float]) -> dict[str, str]:
+def stage_reference_rates(device: str, rates: dict[str, float], feature_dtype: str = "float32") -> dict[str, str]:
     """Which measured matmul rate (a key of ``rates``) each stage is compared with: the float32 one, except
-    the backbone on CUDA when cuDNN runs float32 convolutions in TF32 (its default) and a TF32 rate was
-    measured."""
+    the stages that run in bf16 (backbone and coarse transformer with ``feature_dtype`` bfloat16, when a bf16
+    rate was measured) and the backbone on CUDA when cuDNN runs float32 convolutions in TF32 (its default)
+    and a TF32 rate was measured."""
     conv_tf32 = device.startswith("cuda") and torch.backends.cudnn.allow_tf32 and "tf32" in rates
-    return {s: "tf32" if s == "backbone" and conv_tf32 else "fp32" for s in (*STAGES, "other")}
+    refs = {s: "tf32" if s == "backbone" and conv_tf32 else "fp32" for s in (*STAGES, "other")}
+    if feature_dtype == "bfloat16" and "bf16" in rates:
+        refs.update(backbone="bf16", loftr_coarse="bf16")
+    return refs
 
 
-def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[str, float]) -> dict:
+def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[str, float], feature_dtype: str = "float32") -> dict:
     """FLOPs per stage (torch FlopCounterMode), time per stage (module hooks), achieved GFLOP/s and its share
     of the measured matmul rate (``rates``, by :func:`stage_reference_rates`). 'other' = everything outside
-    the four modules (position encoding, dual softmax and mutual nearest neighbours, window expectation)."""
+    the four modules (position encoding, dual softmax and mutual nearest neighbours, window expectation).
+    ``feature_dtype``: ``inference.feature_dtype`` of the model (resolved: float32 or bfloat16)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_ours("quadtree_b_indoor", device)
+    model = build_ours("quadtree_b_indoor", device, feature_dtype=feature_dtype)
     x0, x1 = sample_pair(hw, device)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -479,11 +483,11 @@ def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[st
     per_stage = {s: sum(timer.seconds[s]) / repeats for s in STAGES}
     per_stage["other"] = max(total_s - sum(per_stage.values()), 0.0)
     rows = []
-    for s, ref in stage_reference_rates(device, rates).items():
+    for s, ref in stage_reference_rates(device, rates, feature_dtype).items():
         achieved = flops[s] / per_stage[s] / 1e9 if per_stage[s] > 0 else float("nan")
         rows.append({"stage": s, "gflop": flops[s] / 1e9, "seconds": per_stage[s], "gflops": achieved,
                      "reference_rate": ref, "share_of_matmul_rate": achieved / rates[ref]})
-    return {"hw": list(hw), "total_gflop": total / 1e9, "total_seconds": total_s, "rows": rows}
+    return {"hw": list(hw), "feature_dtype": feature_dtype, "total_gflop": total / 1e9, "total_seconds": total_s, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -634,10 +638,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         if mem.get("first_seconds") is not None:
             val += f" (second pair; the first, which compiles the GPU kernels, took {mem['first_seconds']:.1f} s)"
         lines += [f"## Peak memory, one {mem['hw'][1]}x{mem['hw'][0]} pair, quadtree_b_indoor", "", val, ""]
-    if "flops" in results:
-        f = results["flops"]
-        lines += [f"## FLOPs per stage, quadtree_b_indoor, {f['hw'][1]}x{f['hw'][0]} ({f['total_gflop']:.1f} GFLOP, {f['total_seconds']:.3f} s)", "",
-                  "| stage | GFLOP | s | GFLOP/s | % of matmul rate |", "|:---|---:|---:|---:|---:|"]
+    for f in (results[k] for k in ("flops", "flops_default") if k in results):
+        precision = " (backbone + coarse transformer in bf16: the default here)" if f.get("feature_dtype") == "bfloat16" else ""
+        lines += [f"## FLOPs per stage, quadtree_b_indoor{precision}, {f['hw'][1]}x{f['hw'][0]} ({f['total_gflop']:.1f} GFLOP, "
+                  f"{f['total_seconds']:.3f} s)", "", "| stage | GFLOP | s | GFLOP/s | % of matmul rate |", "|:---|---:|---:|---:|---:|"]
         lines += [f"| {r['stage']} | {r['gflop']:.2f} | {r['seconds']:.3f} | {r['gflops']:.1f} | "
                   f"{100 * r['share_of_matmul_rate']:.0f}% ({r.get('reference_rate', 'fp32')}) |" for r in f["rows"]]
         lines.append("")
@@ -742,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             rates["tf32"] = matmul_gflops(device, torch.float32, n, tf32=True)
         results["flops"] = section_flops(e2e_hw, device, repeats, rates)
+        if resolve_feature_dtype("auto", device) == torch.bfloat16:  # the default here: its stages too
+            results["flops_default"] = section_flops(e2e_hw, device, repeats, rates, "bfloat16")
     if "gpu" in sections and cuda:
         print("GPU throughput ...", flush=True)
         results["gpu"] = section_throughput(GPU_SIZES, device, max(repeats, 5), autocasts)

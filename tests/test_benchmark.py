@@ -45,6 +45,9 @@ def test_stage_reference_rates_and_tf32_switch(bench, monkeypatch):
     assert bench.stage_reference_rates("cuda", {"fp32": 1.0, "tf32": 2.0}) == {**everything_fp32, "backbone": "tf32"}
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert bench.stage_reference_rates("cuda", {"fp32": 1.0, "tf32": 2.0}) == everything_fp32
+    bf16_features = {**everything_fp32, "backbone": "bf16", "loftr_coarse": "bf16"}  # the stages that run in bf16
+    assert bench.stage_reference_rates("cpu", {"fp32": 1.0, "bf16": 2.0}, "bfloat16") == bf16_features
+    assert bench.stage_reference_rates("cpu", {"fp32": 1.0}, "bfloat16") == everything_fp32  # no bf16 rate measured
     before = torch.backends.cuda.matmul.allow_tf32
     assert bench.matmul_gflops("cpu", torch.float32, 64, repeats=1, tf32=not before) > 0
     assert torch.backends.cuda.matmul.allow_tf32 == before

@@ -278,3 +278,19 @@ def test_auto_feature_dtype_is_bfloat16_on_a_cpu_with_native_bf16(image_pair):
     assert len(bf16["keypoints0"]) > 0
     for key in bf16:
         assert torch.equal(auto[key], bf16[key])
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags(monkeypatch):
+    """``cpu_has_native_bf16`` (which conftest hides from the other tests) says what /proc/cpuinfo says:
+    AVX512-BF16 or AMX-BF16."""
+    from pathlib import Path
+
+    from matcher import model as model_module
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")),
+                 None) if cpuinfo.is_file() else None
+    if not flags:
+        pytest.skip("no CPU flags in /proc/cpuinfo")
+    monkeypatch.undo()  # the real detection
+    assert model_module.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

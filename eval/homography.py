@@ -37,6 +37,7 @@ from matcher.evaluation import (
     feature_dtype_argument,
     finite_mean,
     matcher_names,
+    numerics_protocol,
     open_caches,
     pairs_summary,
     run_pairs,
@@ -164,6 +165,7 @@ def homography_protocol(args: argparse.Namespace, data_fingerprint: dict[str, An
         "AUC": "area under the recall-vs-corner-error curve up to 3/5/10 px, divided by the threshold (same definition as the pose AUC), in percent",
         "accuracy": f"share of matches within {MATCH_ACCURACY_THR:g} px of the true homography's mapping, averaged over pairs (0 without matches), in percent",
         "time": f"wall clock of matcher.match per pair on {args.device} (cached pairs keep the time measured when computed)",
+        "numerics": numerics_protocol(args),
         "software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
     }
 

@@ -43,6 +43,7 @@ from matcher.evaluation import (
     feature_dtype_argument,
     finite_mean,
     matcher_names,
+    numerics_protocol,
     open_caches,
     pairs_summary,
     run_pairs,
@@ -306,6 +307,7 @@ def pose_protocol(args: argparse.Namespace, data_fingerprint: dict[str, Any], im
             f"< {EPIPOLAR_PRECISION_THR:g}, averaged over pairs (0 for a pair without matches), in percent"
         ),
         "time": f"wall clock of matcher.match per pair on {args.device} (cached pairs keep the time measured when computed)",
+        "numerics": numerics_protocol(args),
         "software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
     }
 

@@ -449,6 +449,12 @@ def feature_dtype_argument(args: argparse.Namespace) -> str | None:
     return "bfloat16" if args.bf16 else "float32" if args.fp32 else args.feature_dtype_default
 
 
+def numerics_protocol(args: argparse.Namespace) -> str:
+    """The protocol line of the learned matchers' precision (:func:`add_precision_arguments`' flags)."""
+    features = feature_dtype_argument(args) or "the model config's (auto: bfloat16 on CPUs with AVX512-BF16 / AMX)"
+    return f"learned matchers' backbone + coarse transformer in {features}, coarse matching and fine stage in float32"
+
+
 def device_argument(value: str) -> str:
     """argparse ``type`` of ``--device`` (here, in the demos and in ``matcher.match_pairs``): ``cpu``, ``cuda``
     or ``cuda:N``, checked against this PyTorch build and machine, so that a device that cannot work is one

@@ -500,12 +500,15 @@ def test_precision_flags_of_the_evaluation_scripts_and_the_tools() -> None:
     match_pairs keep the config's precision (auto) unless --bf16 / --fp32; the two flags exclude each other."""
     import argparse
 
-    from matcher.evaluation import add_precision_arguments, feature_dtype_argument
+    from matcher.evaluation import add_precision_arguments, feature_dtype_argument, numerics_protocol
 
     for default, expected in (("float32", "float32"), (None, None)):
         parser = argparse.ArgumentParser()
         add_precision_arguments(parser, default)
         assert feature_dtype_argument(parser.parse_args([])) == expected
+        assert "coarse transformer in bfloat16" in numerics_protocol(parser.parse_args(["--bf16"]))
+        if default == "float32":  # what the evaluation tables print with their protocol
+            assert "coarse transformer in float32" in numerics_protocol(parser.parse_args([]))
         assert feature_dtype_argument(parser.parse_args(["--bf16"])) == "bfloat16"
         assert feature_dtype_argument(parser.parse_args(["--fp32"])) == "float32"
         with pytest.raises(SystemExit):

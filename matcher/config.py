@@ -54,7 +54,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "resize": 640,  # Matcher.match: long side the images are resized to (null keeps the size)
         # backbone + coarse transformer in eval mode: auto | float32 | bfloat16 (autocast; coarse matching and
         # the fine stage stay float32). auto: bfloat16 on CPUs with native bf16 dot products (AVX512-BF16, AMX;
-        # ~1.6x faster, ~99% of the float32 matches within 1 px), float32 elsewhere (GPUs included)
+        # ~1.5x faster end to end, ~99% of the float32 matches within 1 px), float32 elsewhere (GPUs included)
         "feature_dtype": "auto",
     },
 }

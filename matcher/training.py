@@ -221,6 +221,10 @@ class MatcherModule(pl.LightningModule):
         self.save_hyperparameters({"config": config})  # a plain dict: checkpoints load with weights_only=True
         self.cfg = OmegaConf.create(config)
         self.matcher = Matcher(load_config(None, **config["model_config"]))
+        if self.matcher.config.inference.feature_dtype == "auto":
+            # validation measures what eval/pose.py measures: float32 features on any CPU (auto would pick bf16
+            # on CPUs with native bf16); the saved model config keeps "auto"
+            self.matcher.config.inference.feature_dtype = "float32"
         self._val_outputs: list[dict[str, np.ndarray]] = []
         self.warmup_steps: int | None = None  # the run's lr warm-up, fixed when the run starts (kept on resume)
         self._resumed_warmup: int | None = None

@@ -95,3 +95,18 @@ def test_config_errors_name_the_config_and_the_key():
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
         load_train_config(None, ["optim.gamma"])
     assert load_train_config(None, ["optim.canonical_lr=1", "trainer.max_epochs=null"]).optim.canonical_lr == 1
+
+
+@pytest.mark.native_bf16
+def test_validation_runs_float32_features_where_auto_would_pick_bf16():
+    """On a CPU with native bf16 the default (auto) runs bf16 features; training validation pins float32
+    like eval/pose.py, while the saved model config keeps auto and an explicit bfloat16 is kept."""
+    from matcher import load_config
+    from matcher.training import MatcherModule
+
+    model_config = OmegaConf.to_container(load_config("lite"))
+    module = MatcherModule({"model_config": model_config})
+    assert module.matcher.eval().feature_dtype() == "float32"
+    assert module.hparams["config"]["model_config"]["inference"]["feature_dtype"] == "auto"
+    model_config["inference"]["feature_dtype"] = "bfloat16"
+    assert MatcherModule({"model_config": model_config}).matcher.eval().feature_dtype() == "bfloat16"

@@ -145,6 +145,32 @@ def test_two_pass_topk_equals_torch_topk(shape, k):
     assert torch.equal(idx.sort(-1).values, expected_idx.sort(-1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,k", [((64, 128), 16), ((8, 300), 32), ((3, 4800), 32)])
+def test_topk_of_nonnegative_weights_ranks_bit_patterns(dtype, shape, k, monkeypatch):
+    """Weights >= 0 (zeros, subnormals and ties included) are ranked as the integers of their bit patterns on
+    CPU: torch.topk's values, bit for bit in the input dtype, and indices that point at them; while tracing
+    for export the floats are ranked as they are."""
+    import matcher.attention as attention
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) * 8, dim=-1).to(dtype)
+    x[0, :40] = 0.0
+    x[1, :40] = torch.finfo(dtype).tiny / 4  # subnormal (bf16 and fp16 keep some)
+    x[2, ::3] = x[2, 5]  # ties
+    ranked = []
+    real = attention.topk_last_dim
+    monkeypatch.setattr(attention, "topk_last_dim", lambda t, *a, **kw: ranked.append(t.dtype) or real(t, *a, **kw))
+    for tracing, ranked_as in ((False, attention._SAME_ORDER_INTS[dtype]), (True, dtype)):
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda tracing=tracing: tracing)
+        values, idx = attention.topk_nonnegative(x, k)
+        assert ranked.pop() == ranked_as and values.dtype == dtype
+        assert torch.equal(values, torch.topk(x, k, dim=-1).values) and torch.equal(torch.gather(x, -1, idx), values)
+        unsorted, idx = attention.topk_nonnegative(x, k, sorted=False)
+        assert ranked.pop() == ranked_as
+        assert torch.equal(unsorted.sort(-1, descending=True).values, values) and torch.equal(torch.gather(x, -1, idx), unsorted)
+
+
 def test_two_pass_topk_with_ties_and_gradients():
     """Rows full of equal entries (softmax underflow): the same values, indices that point at them, and the
     gradient reaches exactly the selected entries."""

@@ -432,14 +432,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+#: What the model configs' default precision means, for help texts and protocols.
+_AUTO_PRECISION = "the model config's (auto: bfloat16 on CPUs with AVX512-BF16 / AMX, else float32)"
+
+
 def add_precision_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
     """``--bf16`` and ``--fp32``: the learned matchers' backbone + coarse transformer precision
     (``inference.feature_dtype``), read back by :func:`feature_dtype_argument`. ``default``: the value without
     either flag (None: the model config's own, ``auto`` unless it says otherwise)."""
     group = parser.add_mutually_exclusive_group()
-    default_text = "the model config's (auto: bf16 on CPUs with AVX512-BF16 / AMX)" if default is None else default
     group.add_argument("--bf16", action="store_true", help="learned matchers: backbone + coarse transformer in bf16 "
-                       f"(inference.feature_dtype; default {default_text})")
+                       f"(inference.feature_dtype; default {default or _AUTO_PRECISION})")
     group.add_argument("--fp32", action="store_true", help="learned matchers: backbone + coarse transformer in float32")
     parser.set_defaults(feature_dtype_default=default)
 
@@ -451,7 +454,7 @@ def feature_dtype_argument(args: argparse.Namespace) -> str | None:
 
 def numerics_protocol(args: argparse.Namespace) -> str:
     """The protocol line of the learned matchers' precision (:func:`add_precision_arguments`' flags)."""
-    features = feature_dtype_argument(args) or "the model config's (auto: bfloat16 on CPUs with AVX512-BF16 / AMX)"
+    features = feature_dtype_argument(args) or _AUTO_PRECISION
     return f"learned matchers' backbone + coarse transformer in {features}, coarse matching and fine stage in float32"
 
 

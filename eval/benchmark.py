@@ -8,7 +8,9 @@ and a profile of one pair of each model (stage times and the costliest kernels o
                                                    # ours and kornia, fp32 and bf16 / fp16 autocast
 
 Every timing is a median over interleaved repetitions (A B A B ...), and every target is a RATIO of two
-timings taken in the same process, so that a noisy machine moves both sides. Peak memory on CPU is measured
+timings taken in the same process, so that a noisy machine moves both sides. The end-to-end target uses the
+configuration the model runs by default on this machine (``inference.feature_dtype: auto``: bf16 features on
+CPUs with native bf16, else fp32); fp32 is timed beside it. Peak memory on CPU is measured
 in a child process per configuration (peak resident set minus the resident set before the run), on CUDA
 with ``torch.cuda.max_memory_allocated``. Results: a Markdown table on stdout, and ``benchmark.json`` (all
 raw numbers) + ``benchmark.md`` in ``--out``.

@@ -29,6 +29,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from matcher import config_to_dict
+from matcher.config import one_line
 from matcher.training import (
     ConfigError, DataError, MatcherDataModule, MatcherModule, build_model_config, load_train_config, merge_run_overrides,
 )
@@ -79,7 +80,7 @@ def _finished(ckpt: Path, cfg) -> str | None:
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated or not a checkpoint
-        raise ConfigError(f"--resume: cannot read {ckpt}: {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+        raise ConfigError(f"--resume: cannot read {ckpt}: {type(err).__name__}: {one_line(err)[:300]}") from None
     step = int(state.get("global_step", 0))
     fit_loop = state.get("loops", {}).get("fit_loop", {})
     epoch_progress = fit_loop.get("epoch_progress", {}).get("current", {})
@@ -223,7 +224,7 @@ def _train(args: argparse.Namespace) -> int:
         try:
             module.matcher.load_weights(cfg.init_weights)
         except (FileNotFoundError, ValueError, KeyError) as err:
-            raise ConfigError(f"--init-weights {cfg.init_weights}: {' '.join(str(err).split())}") from None
+            raise ConfigError(f"--init-weights {cfg.init_weights}: {one_line(err)}") from None
     data = MatcherDataModule(cfg.data, cfg.batch_size, cfg.num_workers, cfg.seed)
     trainer = build_trainer(cfg, run_dir)
     # config.yaml and model.yaml are written once the data is set up: a run that cannot start leaves no run folder

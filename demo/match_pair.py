@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from matcher.allocator import reuse_freed_memory
-from matcher.evaluation import add_precision_arguments, device_argument, feature_dtype_argument
+from matcher.evaluation import add_precision_arguments, device_argument, feature_dtype_argument, set_feature_dtype
 from matcher.image_io import load_gray
 from matcher.metrics import epipolar_precision
 from matcher.model import matcher_with_description
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, which = matcher_with_description(args.weights, args.config)
         model = model.to(args.device)
-        if feature_dtype_argument(args) is not None:
-            model.config.inference.feature_dtype = feature_dtype_argument(args)
+        set_feature_dtype(model, feature_dtype_argument(args))
         resize = args.resize if args.resize is not None else "config"
         images = [load_gray(path, name) for path, name in ((args.image0, "image0"), (args.image1, "image1"))]
         start = time.perf_counter()

@@ -95,6 +95,12 @@ def load_config(name_or_path: str | Path | None = None, **overrides: Any) -> Dic
     return cfg
 
 
+def one_line(text: object) -> str:
+    """``text`` (a message or an exception) on one line: every run of whitespace, newlines included, becomes
+    one space (YAML, omegaconf and torch errors span several lines; command-line errors are one line)."""
+    return " ".join(str(text).split())
+
+
 class ConfigError(ValueError):
     """A config that cannot be used (unknown name or key, wrong value or type); the message is one line,
     meant for the command line."""

@@ -117,9 +117,14 @@ def build_matchers(names: Sequence[str], device: str, config: str | None = None,
     torch.manual_seed(0)
     matchers = {label: build_matcher(name, device=device, config=config) for label, name in zip(unique_labels(names), names)}
     for matcher in matchers.values():
-        if feature_dtype is not None and hasattr(matcher, "config"):  # learned matchers; part of their fingerprint
-            matcher.config.inference.feature_dtype = feature_dtype
+        set_feature_dtype(matcher, feature_dtype)  # part of a learned matcher's fingerprint
     return matchers
+
+
+def set_feature_dtype(matcher: Any, feature_dtype: str | None) -> None:
+    """Set a learned matcher's ``inference.feature_dtype``; nothing for None or a baseline (no config)."""
+    if feature_dtype is not None and hasattr(matcher, "config"):
+        matcher.config.inference.feature_dtype = feature_dtype
 
 
 # ----------------------------------------------------------------------------------------------- cache

@@ -165,7 +165,9 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .evaluation import add_precision_arguments, canonical_json, device_argument, feature_dtype_argument, matcher_fingerprint
+    from .evaluation import (
+        add_precision_arguments, canonical_json, device_argument, feature_dtype_argument, matcher_fingerprint, set_feature_dtype,
+    )
     from .model import matcher_with_description
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"image folder not found: {image_dir}")
         matcher, which = matcher_with_description(args.weights, args.config)
         matcher = matcher.to(args.device)
-        if feature_dtype_argument(args) is not None:
-            matcher.config.inference.feature_dtype = feature_dtype_argument(args)
+        set_feature_dtype(matcher, feature_dtype_argument(args))
         which += f" (backbone + coarse transformer in {matcher.feature_dtype()})"
         resize = args.resize if args.resize is not None else "config"
         # "coordinates": resized keypoints map back with pixel centres at integers (not by scaling, as before)

@@ -40,6 +40,12 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def check_feature_dtype(name: str) -> None:
+    """A ValueError unless ``name`` is one of :data:`FEATURE_DTYPES`."""
+    if name not in FEATURE_DTYPES:
+        raise ValueError(f"inference.feature_dtype must be one of {list(FEATURE_DTYPES)}, got {name!r}")
+
+
 def resolve_feature_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
     """The dtype of ``inference.feature_dtype`` ``name`` on ``device`` (None: float32, or an outer autocast).
 
@@ -47,8 +53,7 @@ def resolve_feature_dtype(name: str, device: torch.device | str) -> torch.dtype 
     (the published precision) and while tracing for export (the graph stays float32). bf16 features keep
     about 99% of the float32 matches within 1 px (README, "Speed and memory").
     """
-    if name not in FEATURE_DTYPES:
-        raise ValueError(f"inference.feature_dtype must be one of {list(FEATURE_DTYPES)}, got {name!r}")
+    check_feature_dtype(name)
     if name == "auto":
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         native = torch.device(device).type == "cpu" and not tracing and cpu_has_native_bf16()
@@ -117,7 +122,7 @@ class Matcher(nn.Module):
             config = load_config(config)
         self.config = copy.deepcopy(config)
         cfg = self.config
-        resolve_feature_dtype(cfg.inference.feature_dtype, "cpu")  # a misspelled value fails here, not at the first pair
+        check_feature_dtype(cfg.inference.feature_dtype)  # a misspelled value fails here, not at the first pair
         self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .config import ConfigError, load_config, merge_config, validate_config
+from .config import ConfigError, load_config, merge_config, one_line, validate_config
 from .model import Matcher
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -48,7 +48,7 @@ def _load_yaml(path: Path, what: str) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # yaml syntax errors
-        raise ConfigError(f"cannot read {what} {path}: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"cannot read {what} {path}: {one_line(err)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{what} {path} is not a mapping of keys")
     return cfg
@@ -61,8 +61,13 @@ def _dotlist(overrides: list[str]) -> DictConfig:
         try:
             OmegaConf.from_dotlist([item])
         except Exception as err:  # YAML syntax errors in the value
-            raise ConfigError(f"cannot parse override {item!r}: {' '.join(str(err).split())}") from None
+            raise ConfigError(f"cannot parse override {item!r}: {one_line(err)}") from None
     return OmegaConf.from_dotlist(overrides)
+
+
+def _split_data_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``(data.* overrides, the others)``: the data tree is merged after the rest (it may be named by them)."""
+    return [o for o in overrides if o.startswith("data.")], [o for o in overrides if not o.startswith("data.")]
 
 
 def _data_config_name(cfg: DictConfig) -> str:
@@ -114,8 +119,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     if path is not None:
         file = _config_path("train", str(path))
         cfg = merge_config(cfg, _load_yaml(file, "training config"), "training config", str(file))
-    data_overrides = [o for o in overrides or [] if o.startswith("data.")]
-    rest = [o for o in overrides or [] if not o.startswith("data.")]
+    data_overrides, rest = _split_data_overrides(overrides or [])
     if rest:
         cfg = merge_config(cfg, _dotlist(rest), "training config", "overrides")
     _check_types(cfg, defaults, "training config")
@@ -146,8 +150,7 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     for item in overrides:
         if item.startswith(("model=", "data=")):
             raise ConfigError(f"{item.split('=')[0]} cannot change when a run is resumed ({item!r})")
-    data_overrides = [o for o in overrides if o.startswith("data.")]
-    rest = [o for o in overrides if not o.startswith("data.")]
+    data_overrides, rest = _split_data_overrides(overrides)
     merged = merge_config(cfg, _dotlist(rest), "training config", "overrides") if rest else cfg
     if data_overrides:
         merged = merge_config(merged, _dotlist(data_overrides), _data_config_name(cfg), "overrides")
@@ -168,7 +171,7 @@ def build_model_config(cfg: DictConfig) -> DictConfig:
             validate_config(model_cfg)
         return model_cfg
     except (ValueError, FileNotFoundError) as err:  # ConfigError included: one line already
-        raise ConfigError(" ".join(str(err).split())) from None
+        raise ConfigError(one_line(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -385,7 +388,7 @@ class MatcherDataModule(pl.LightningDataModule):
             self.train_set, groups, self.samples_per_group, self.val_set = build_datasets(self.data_cfg, rank, world)
         except (FileNotFoundError, ValueError) as err:
             hint = " (where each file goes: datasets/README.md)" if self.data_cfg.get("name") in ("scannet", "megadepth") else ""
-            raise DataError(f"data {self.data_cfg.get('name')!r}: {' '.join(str(err).split())}{hint}") from err
+            raise DataError(f"data {self.data_cfg.get('name')!r}: {one_line(err)}{hint}") from err
         self.train_groups = groups
 
     def batches_per_epoch(self) -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import one_line
+
 #: Buffers some checkpoints carry that the model derives itself (LoFTR stored its position encoding).
 DERIVED_KEYS = ("pos_encoding.pe",)
 
@@ -54,7 +56,7 @@ def _unpickler_reason(err: Exception) -> str:
     """The cause torch's weights-only unpickler gives (``Unsupported global: GLOBAL os.system ...`` for a
     class it refuses, ``Unsupported operand ...`` for bytes that are no pickle), without torch's advice to
     load with ``weights_only=False``, which would run whatever the file holds."""
-    text = " ".join(str(err).split())
+    text = one_line(err)
     marker = "WeightsUnpickler error:"
     if marker not in text:
         return text or type(err).__name__

@@ -416,6 +416,37 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
     return result
 
 
+def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) -> dict:
+    """The chunked coarse matcher on the shipped default model's coarse features of the sample pair (trained
+    weights and their threshold: random weights with the threshold at 0 leave nothing to skip), with the
+    second pass restricted to the rows and columns that can hold a match against one over every entry."""
+    from matcher import Matcher
+    from matcher.matching import chunked_mutual_nearest_matches
+
+    model = Matcher.from_pretrained("default").to(device)
+    model.config.inference.feature_dtype = "float32"
+    mc = model.config.match_coarse
+    rows = []
+    for hw in sizes:
+        x0, x1 = sample_pair(hw, device)
+        with torch.inference_mode():
+            c0, _, c1, _ = model.extract_features(x0, x1)
+            t0, t1 = model.coarse_transform(c0, c1, None, None)
+        grid0, grid1 = tuple(c0.shape[2:]), tuple(c1.shape[2:])
+
+        def match(skip: bool, t0=t0, t1=t1, grid0=grid0, grid1=grid1):
+            with torch.inference_mode():
+                return chunked_mutual_nearest_matches(t0, t1, mc.dsmax_temperature, mc.thr, mc.border_rm, grid0, grid1,
+                                                      kernel="torch", skip_unmatchable=skip)
+
+        restricted, full = match(True), match(False)
+        seconds = median_times({"restricted": lambda: match(True), "full": lambda: match(False)}, repeats, device)
+        rows.append({"hw": list(hw), "tokens": t0.shape[1], "matches": len(restricted[0]),
+                     "same_matches": all(torch.equal(a, b) for a, b in zip(restricted[:3], full[:3])),
+                     "restricted_s": seconds["restricted"], "full_s": seconds["full"]})
+    return {"weights": "default (lite)", "thr": mc.thr, "rows": rows}
+
+
 # ----------------------------------------------------------------------------------------------- FLOPs
 STAGES = ("backbone", "loftr_coarse", "fine_preprocess", "loftr_fine")
 
@@ -634,6 +665,16 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += ["", "QuadTree-B FLOPs grow " + ", ".join(growth) + ": the coarsest level is full attention over "
                       "N/16 tokens, a quadratic term, so where the layer runs at one FLOP rate its time grows as much."]
         lines.append("")
+    if "matching" in results:
+        mt = results["matching"]
+        lines += [f"## Coarse matching (chunked dual softmax + mutual NN), {mt['weights']} weights, threshold {mt['thr']}", "",
+                  "Second pass restricted to the rows and columns that can hold a match above the threshold, against one "
+                  "over every entry (`skip_unmatchable=False`); the coarse features of the sample pair.", "",
+                  "| size | tokens per image | restricted s | every entry s | ratio | matches | same matches |",
+                  "|:---|---:|---:|---:|---:|---:|:---|"]
+        lines += [f"| {r['hw'][1]}x{r['hw'][0]} | {r['tokens']} | {r['restricted_s']:.3f} | {r['full_s']:.3f} | "
+                  f"{r['restricted_s'] / r['full_s']:.2f} | {r['matches']} | {'yes' if r['same_matches'] else 'NO'} |" for r in mt["rows"]]
+        lines.append("")
     if "memory" in results:
         mem = results["memory"]
         val = f"{mem['peak_mb'] / 1024:.2f} GB above the loaded model ({mem['process_peak_mb'] / 1024:.2f} GB process peak), {mem['seconds']:.1f} s, {mem['matches']} matches" if "peak_mb" in mem else mem.get("error", "")
@@ -686,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--sections", default="e2e,agreement,attention,memory,flops,gpu,profile", help="comma-separated subset")
+    p.add_argument("--sections", default="e2e,agreement,attention,matching,memory,flops,gpu,profile", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, quick 1)")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
@@ -735,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
         grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
         results["attention"] = section_attention(grids, device, threads, repeats, sdpa_budget_s=30 if quick else 300,
                                                   reuse_memory=reuse_memory)
+    if "matching" in sections:
+        print("coarse matching ...", flush=True)
+        results["matching"] = section_matching([(96, 128), (240, 320)] if quick else [(480, 640), (1200, 1600)], device, repeats)
     if "memory" in sections:
         print("peak memory ...", flush=True)
         hw = (240, 320) if quick else (1200, 1600)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chunking import ChunkedOutputs, chunk_slices
+from .chunking import ChunkedOutputs, chunk_slices, is_tracing
 from .quadtree_triton import fused_refine_available, fused_refine_b
 from .triton_support import use_kernel
 
@@ -200,8 +200,7 @@ def topk_nonnegative(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torc
     faster (fp32 and bf16, rows of 128 to 4,800); the values are gathered from ``x`` (gradients reach them, as
     variant A needs). Not while tracing for export: ONNX opset 17 has no bit cast."""
     as_int = _SAME_ORDER_INTS.get(x.dtype)
-    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if as_int is None or x.device.type != "cpu" or tracing:
+    if as_int is None or x.device.type != "cpu" or is_tracing():
         return topk_last_dim(x, k, sorted)
     indices = topk_last_dim(x.view(as_int), k, sorted)[1]
     return torch.gather(x, -1, indices), indices

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def is_tracing() -> bool:
+    """Whether the code runs under ``torch.jit.trace`` or ONNX export, where data-dependent control flow and
+    copies into preallocated buffers would not be recorded."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def chunk_slices(total: int, size: int) -> list[slice]:
     """Slices of at most ``size`` (at least 1) items covering ``range(total)``."""
     size = max(1, size)
@@ -23,7 +29,7 @@ class ChunkedOutputs:
 
     def __init__(self, total: int, dim: int) -> None:
         self.total, self.dim = total, dim
-        self.concatenate = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        self.concatenate = is_tracing()
         self.pieces: list[tuple] = []
         self.outputs: tuple | None = None
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .backbone import ResNetFPN
+from .chunking import is_tracing
 from .config import load_config
 from .image_io import ImageLike, load_gray, resize_long_side, to_input_pixels
 from .matching import FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dense_matching_limit, dual_softmax
@@ -55,8 +56,7 @@ def resolve_feature_dtype(name: str, device: torch.device | str) -> torch.dtype 
     """
     check_feature_dtype(name)
     if name == "auto":
-        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        native = torch.device(device).type == "cpu" and not tracing and cpu_has_native_bf16()
+        native = torch.device(device).type == "cpu" and not is_tracing() and cpu_has_native_bf16()
         name = "bfloat16" if native else "float32"
     return torch.bfloat16 if name == "bfloat16" else None
 

@@ -161,6 +161,18 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert "| met |" not in md and "| not met |" not in md and "n/a (quick)" in md
 
 
+def test_matching_section_times_the_restricted_second_pass_against_every_entry(bench):
+    """Shipped weights at their threshold: both second passes give the same matches, and the table says so."""
+    out = bench.section_matching([(240, 320)], "cpu", repeats=1)
+    (row,) = out["rows"]
+    assert out["thr"] > 0 and row["tokens"] == 30 * 40 and row["matches"] > 20
+    assert row["same_matches"] and row["restricted_s"] > 0 and row["full_s"] > 0
+    md = bench.render_markdown({"quick": True, "machine": {"cpu": "x", "threads": 1, "device": "cpu", "torch": "t",
+                                                          "cpu_capability": "c"},
+                                "matmul_gflops": {"fp32": 1.0}, "matching": out, "ratios": {}})
+    assert "## Coarse matching" in md and "| 320x240 | 1200 |" in md and "| yes |" in md
+
+
 def test_profile_section_reports_stages_and_costliest_operators(bench):
     prof = bench.section_profile((96, 128), "cpu", repeats=1, rows=5)
     assert set(prof["models"]) == {"ours", "kornia_loftr"}

@@ -1,5 +1,5 @@
-"""Speed and memory benchmark: end to end against kornia LoFTR, QuadTree-B against exact attention, peak
-memory at 1600x1200, FLOPs per stage and how close each stage runs to the machine's matrix-multiply rate,
+"""Speed and memory benchmark: end to end against kornia LoFTR, QuadTree-B against exact attention, the coarse
+matcher's restricted second pass against a full one, peak memory at 1600x1200, FLOPs per stage and how close each stage runs to the machine's matrix-multiply rate,
 and a profile of one pair of each model (stage times and the costliest kernels or operators).
 
     python eval/benchmark.py                       # CPU, all sections (about 12 minutes on 2 cores)
@@ -17,8 +17,10 @@ raw numbers) + ``benchmark.md`` in ``--out``.
 
 Weights: timings use seeded random weights with the coarse threshold at 0, so every mutual nearest neighbour
 is a match and the fine stage runs as with trained weights (speed depends on weights only through the number
-of matches, which is reported); the agreement of the faster paths (bf16 autocast; on CPU the default
-Winograd backbone against direct convolutions) is measured with the shipped default weights (real matches).
+of matches, which is reported, and through what the coarse matcher can skip, which needs a threshold above 0:
+random weights time its worst case); the agreement of the faster paths (bf16 autocast; on CPU the default
+Winograd backbone against direct convolutions) and the coarse matching section use the shipped default
+weights (real matches, their threshold).
 
 Memory: like the command-line tools, the benchmark (and its child processes) keeps freed memory for reuse
 (matcher/allocator.py), for ours and kornia alike; ``--system-malloc`` leaves glibc's defaults.

@@ -213,9 +213,13 @@ def chunked_mutual_nearest_matches(
     if fused:
         return _fused_mutual_nearest_matches(feat0, feat1, scale, chunks, thr, border, hw0, hw1, mask0, mask1)
     prune = skip_unmatchable and thr > 0 and not is_tracing()  # data-dependent shapes: not in a traced graph
-    row_lse, col_lse, row_peak, col_peak = _log_sum_exps(feat0, feat1, scale, chunks, mask0, mask1)
-    rows_ext, cols_ext = _extended_features(feat0, feat1, 2 * scale, row_lse, col_lse, mask0, mask1)
-    with torch.autocast(feat0.device.type, enabled=False):  # R and C are large: keep float32
+    dtype = torch.promote_types(feat0.dtype, torch.float32)
+    # both passes in float32 at least, also under an outer autocast (as the Triton path): R and C are large, and
+    # the second pass's skipping relies on the first pass's bounds
+    with torch.autocast(feat0.device.type, enabled=False):
+        feat0, feat1 = feat0.to(dtype), feat1.to(dtype)
+        row_lse, col_lse, row_peak, col_peak = _log_sum_exps(feat0, feat1, scale, chunks, mask0, mask1)
+        rows_ext, cols_ext = _extended_features(feat0, feat1, 2 * scale, row_lse, col_lse, mask0, mask1)
         if prune:
             row_bound, col_bound = _log_peak_weight(row_peak, row_lse, mask0), _log_peak_weight(col_peak, col_lse, mask1)
             log_thr = math.log(thr) - _rounding_slack(row_lse, col_lse, mask0, mask1)
@@ -286,13 +290,13 @@ def _log_peak_weight(peak: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor 
 
 
 def _rounding_slack(row_lse: torch.Tensor, col_lse: torch.Tensor, mask0, mask1) -> float:
-    """How far the second pass's float32 log-confidence ``2 s - R - C`` (another matrix product) may exceed
-    the first pass's bound: a generous multiple of float32 rounding at the terms' magnitude."""
+    """How far the second pass's log-confidence ``2 s - R - C`` (another matrix product) may exceed the first
+    pass's bound: a generous multiple of the dtype's rounding at the terms' magnitude (float32: 1.5e-5 of it)."""
     magnitude = 0.0
     for lse, valid in ((row_lse, mask0), (col_lse, mask1)):
         values = lse if valid is None else lse[valid]
         magnitude += float(values.abs().max()) if values.numel() else 0.0
-    return 1e-3 + 1e-5 * 2 * magnitude
+    return 1e-3 + 128 * torch.finfo(row_lse.dtype).eps * 2 * magnitude
 
 
 def _pruned_log_confidence_maxima(
@@ -459,18 +463,21 @@ class FinePreprocess(nn.Module):
 def window_expectation(feat_f0: torch.Tensor, feat_f1: torch.Tensor) -> torch.Tensor:
     """Correlate the centre of window 0 with window 1; softmax; expectation and std.
 
-    Args: ``(M, W*W, C)`` each. Returns ``(M, 3)``: expected (x, y) in [-1, 1] window coordinates
-    and the summed standard deviation of x and y.
+    Args: ``(M, W*W, C)`` each. Returns ``(M, 3)`` (float32 at least): expected (x, y) in [-1, 1] window
+    coordinates and the summed standard deviation of x and y.
     """
     m, ww, c = feat_f1.shape
     w = int(math.isqrt(ww))
+    dtype = torch.promote_types(feat_f1.dtype, torch.float32)
     if m == 0:
-        return feat_f1.new_zeros(0, 3)
-    centre = feat_f0[:, ww // 2]
-    heat = torch.softmax(torch.einsum("mc,mrc->mr", centre, feat_f1) / c**0.5, dim=1)
-    lin = torch.linspace(-1, 1, w, device=heat.device, dtype=heat.dtype)
-    grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).reshape(ww, 2)  # (x, y), row-major
-    mean = heat @ grid
-    var = heat @ grid**2 - mean**2
+        return feat_f1.new_zeros(0, 3, dtype=dtype)
+    # float32 at least, also under an outer autocast: the variance is a difference of nearly equal moments
+    with torch.autocast(feat_f1.device.type, enabled=False):
+        centre, feat_f1 = feat_f0[:, ww // 2].to(dtype), feat_f1.to(dtype)
+        heat = torch.softmax(torch.einsum("mc,mrc->mr", centre, feat_f1) / c**0.5, dim=1)
+        lin = torch.linspace(-1, 1, w, device=heat.device, dtype=heat.dtype)
+        grid = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), -1).reshape(ww, 2)  # (x, y), row-major
+        mean = heat @ grid
+        var = heat @ grid**2 - mean**2
     std = torch.where(var > 1e-10, var.clamp_min(1e-10).sqrt(), torch.full_like(var, 1e-5)).sum(-1)
     return torch.cat([mean, std[:, None]], -1)

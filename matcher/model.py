@@ -259,9 +259,12 @@ class Matcher(nn.Module):
             win0, win1 = self.loftr_fine(win0, win1)
         expec_f = window_expectation(win0, win1)
 
-        kpts0 = cell_coordinates(i_ids, hw0[1], 8).to(t0.dtype)
-        kpts1_c = cell_coordinates(j_ids, hw1[1], 8).to(t0.dtype)
-        kpts1 = kpts1_c + expec_f[:, :2].detach() * (cfg.fine_window_size // 2) * 2
+        # pixel coordinates in float32 at least: under an outer bf16 autocast the features are bf16, whose
+        # spacing is 2 px at 256-511 and 4 px at 512-1023
+        coord_dtype = torch.promote_types(t0.dtype, torch.float32)
+        kpts0 = cell_coordinates(i_ids, hw0[1], 8).to(coord_dtype)
+        kpts1_c = cell_coordinates(j_ids, hw1[1], 8).to(coord_dtype)
+        kpts1 = kpts1_c + expec_f[:, :2].detach().to(coord_dtype) * (cfg.fine_window_size // 2) * 2
         pred = mconf > 0  # ground-truth pads carry confidence 0
         out = {
             "keypoints0": kpts0[pred],

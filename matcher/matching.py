@@ -23,10 +23,13 @@ def dual_softmax(
     """Dual-softmax confidence ``(B, L0, L1)`` of tokens ``(B, L0, C)`` and ``(B, L1, C)``.
 
     Features are scaled by 1/sqrt(C) each, the similarity divided by ``temperature``; masked (False)
-    rows / columns get zero confidence.
+    rows / columns get zero confidence. Computed in float32 at least, also under autocast (as the chunked
+    matcher): similarities divided by a temperature of 0.1 are too large for bf16's 8-bit mantissa.
     """
-    sim = _chunk_similarity(feat0, feat1, 1.0 / (feat0.shape[-1] * temperature), slice(None), mask0, mask1)
-    conf = F.softmax(sim, 1) * F.softmax(sim, 2)
+    dtype = torch.promote_types(feat0.dtype, torch.float32)
+    with torch.autocast(feat0.device.type, enabled=False):
+        sim = _chunk_similarity(feat0.to(dtype), feat1.to(dtype), 1.0 / (feat0.shape[-1] * temperature), slice(None), mask0, mask1)
+        conf = F.softmax(sim, 1) * F.softmax(sim, 2)
     invalid = _invalid_entries(mask0, mask1, slice(None))
     if invalid is not None:
         conf = conf.masked_fill(invalid, 0.0)

@@ -106,3 +106,18 @@ def test_second_pass_computes_only_entries_that_can_reach_the_threshold(monkeypa
     full_col = log_conf.amax(dim=1)
     col_can_match = full_col > log_thr
     torch.testing.assert_close(col_best[col_can_match], full_col[col_can_match], rtol=0, atol=1e-5)
+
+
+def test_both_matchers_run_in_float32_under_autocast():
+    """Under a bf16 autocast the dense dual softmax and the chunked matcher give their float32 results."""
+    f0, f1 = _features(3)
+    hw0, hw1 = (8, 12), (10, 12)
+    dense_ref = dual_softmax(f0, f1, 0.1)
+    chunked_ref = chunked_mutual_nearest_matches(f0, f1, 0.1, 0.2, 1, hw0, hw1, max_entries=2 * 120 * 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = dual_softmax(f0, f1, 0.1)
+        chunked = chunked_mutual_nearest_matches(f0, f1, 0.1, 0.2, 1, hw0, hw1, max_entries=2 * 120 * 7)
+    assert dense.dtype == torch.float32 and torch.equal(dense, dense_ref)
+    assert len(chunked_ref[0]) > 20
+    for a, b in zip(chunked, chunked_ref):
+        assert torch.equal(a, b)

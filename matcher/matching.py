@@ -28,7 +28,8 @@ def dual_softmax(
     """
     dtype = torch.promote_types(feat0.dtype, torch.float32)
     with torch.autocast(feat0.device.type, enabled=False):
-        sim = _chunk_similarity(feat0.to(dtype), feat1.to(dtype), 1.0 / (feat0.shape[-1] * temperature), slice(None), mask0, mask1)
+        scale = 1.0 / (feat0.shape[-1] * temperature)
+        sim = _chunk_similarity(feat0.to(dtype), feat1.to(dtype), scale, slice(None), mask0, mask1)
         conf = F.softmax(sim, 1) * F.softmax(sim, 2)
     invalid = _invalid_entries(mask0, mask1, slice(None))
     if invalid is not None:
@@ -226,7 +227,9 @@ def chunked_mutual_nearest_matches(
         if prune:
             row_bound, col_bound = _log_peak_weight(row_peak, row_lse, mask0), _log_peak_weight(col_peak, col_lse, mask1)
             log_thr = math.log(thr) - _rounding_slack(row_lse, col_lse, mask0, mask1)
-            row_best, j_best, col_best = _pruned_log_confidence_maxima(rows_ext, cols_ext, row_bound, col_bound, log_thr, max_entries)
+            row_best, j_best, col_best = _pruned_log_confidence_maxima(
+                rows_ext, cols_ext, row_bound, col_bound, log_thr, max_entries
+            )
         else:
             row_best, j_best, col_best = _log_confidence_maxima(rows_ext, cols_ext, chunks)
     return _select_mutual(row_best.exp(), j_best, col_best.exp(), thr, border, hw0, hw1, mask0, mask1)

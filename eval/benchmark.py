@@ -514,10 +514,18 @@ def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[st
     flops = {s: sum(v for k, d in counts.items() if k.endswith("." + s) and k.count(".") == 1 for v in d.values()) for s in STAGES}
     flops["other"] = total - sum(flops.values())
     run_pair(model, x0, x1)  # warm-up
+    totals, stage_runs = [], {s: [] for s in STAGES}
     with StageTimer(model, STAGES, device) as timer:
-        total_s = median_times({"all": lambda: run_pair(model, x0, x1)}, repeats, device, warmup=0)["all"]
-    per_stage = {s: sum(timer.seconds[s]) / repeats for s in STAGES}
-    per_stage["other"] = max(total_s - sum(per_stage.values()), 0.0)
+        for _ in range(repeats):
+            calls = {s: len(timer.seconds[s]) for s in STAGES}
+            totals.extend(interleaved_times({"all": lambda: run_pair(model, x0, x1)}, 1, device, warmup=0)["all"])
+            for s in STAGES:
+                stage_runs[s].append(sum(timer.seconds[s][calls[s]:]))
+    # medians of each run's own split: 'other' of a run is its time outside the stages (a median of totals
+    # minus means of stages mixed runs, and one slow run on a noisy machine made it negative)
+    per_stage = {s: statistics.median(v) for s, v in stage_runs.items()}
+    per_stage["other"] = max(statistics.median(t - sum(v[i] for v in stage_runs.values()) for i, t in enumerate(totals)), 0.0)
+    total_s = statistics.median(totals)
     rows = []
     for s, ref in stage_reference_rates(device, rates, feature_dtype).items():
         achieved = flops[s] / per_stage[s] / 1e9 if per_stage[s] > 0 else float("nan")

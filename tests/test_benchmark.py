@@ -152,6 +152,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert flops["backbone"] > flops["loftr_coarse"] > 0
     assert math.isclose(sum(flops.values()), results["flops"]["total_gflop"], rel_tol=1e-6)
     assert {r["reference_rate"] for r in results["flops"]["rows"]} == {"fp32"}  # no TF32 on CPU
+    # every stage, 'other' included, timed within each run (medians of per-run splits: never 0 s or nan)
+    assert all(r["seconds"] > 0 and math.isfinite(r["gflops"]) for r in results["flops"]["rows"])
     assert results["memory"]["first_seconds"] is None  # a warm-up pair only where kernels compile (CUDA)
     md = (tmp_path / "benchmark.md").read_text()
     assert "| target | value | bound | status |" in md and "## Attention layer" in md

@@ -442,8 +442,8 @@ def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) ->
                 return chunked_mutual_nearest_matches(t0, t1, mc.dsmax_temperature, mc.thr, mc.border_rm, grid0, grid1,
                                                       kernel="torch", skip_unmatchable=skip)
 
-        restricted, full = match(True), match(False)
-        seconds = median_times({"restricted": lambda: match(True), "full": lambda: match(False)}, repeats, device)
+        restricted, full = match(True), match(False)  # the results compared, and the warm-up of the timing
+        seconds = median_times({"restricted": lambda: match(True), "full": lambda: match(False)}, repeats, device, warmup=0)
         rows.append({"hw": list(hw), "tokens": t0.shape[1], "matches": len(restricted[0]),
                      "same_matches": all(torch.equal(a, b) for a, b in zip(restricted[:3], full[:3])),
                      "restricted_s": seconds["restricted"], "full_s": seconds["full"]})

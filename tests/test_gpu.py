@@ -18,6 +18,7 @@ from matcher.attention import quadtree_attention
 from matcher.metrics import matches_kept
 
 from .test_attention import _pyramids
+from .test_matching import _features
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -89,9 +90,7 @@ def test_restricted_coarse_matching_on_cuda_equals_cpu():
     chunks, on the GPU: the CPU's matches."""
     from matcher.matching import chunked_mutual_nearest_matches
 
-    g = torch.Generator().manual_seed(4)
-    f0, f1 = torch.randn(2, 96, 32, generator=g), torch.randn(2, 120, 32, generator=g)
-    f1[:, :60] = f0[:, 10:70] + 0.1 * torch.randn(2, 60, 32, generator=g)
+    f0, f1 = _features(4)
     args = (0.1, 0.2, 1, (8, 12), (10, 12), None, None, 2 * 120 * 7, "torch")
     cpu = chunked_mutual_nearest_matches(f0, f1, *args)
     gpu = chunked_mutual_nearest_matches(f0.to(CUDA), f1.to(CUDA), *args)

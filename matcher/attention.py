@@ -6,6 +6,9 @@ Head layout everywhere: ``(B, nhead, N, D)``; a model's channel ``c`` belongs to
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -84,12 +87,68 @@ def pool_levels(
     return maps, masks
 
 
+def _row_layout(x: torch.Tensor, lead: int) -> tuple[tuple[int, ...], int] | None:
+    """Where ``x``'s positions lie in its storage seen as rows of ``x.shape[lead:]`` (one position per row):
+    the row strides of the first ``lead`` dims and the first position's row. None where the trailing dims
+    are not one contiguous run that starts at a multiple of its length."""
+    unit = math.prod(x.shape[lead:])
+    inner = torch.empty(x.shape[lead:], device="meta").stride()
+    contiguous = all(a == b for a, b, n in zip(x.stride()[lead:], inner, x.shape[lead:]) if n > 1)
+    strides = [s if n > 1 else 0 for s, n in zip(x.stride()[:lead], x.shape[:lead])]
+    if unit == 0 or not contiguous or x.storage_offset() % unit or any(s % unit for s in strides):
+        return None
+    return tuple(s // unit for s in strides), x.storage_offset() // unit
+
+
+@functools.lru_cache(maxsize=32)
+def _gather_order(shape, row_strides, first_row, split, perm, device: str) -> torch.Tensor:
+    """The rows, in gather order, of positions ``shape`` laid out as ``row_strides`` from ``first_row``, split
+    into ``split`` and permuted by ``perm`` (int64, flat). Cached: the same few layouts recur in every layer."""
+    with torch.inference_mode(False):  # usable outside inference mode too
+        rows = torch.full((), first_row, dtype=torch.int64, device=device)
+        for dim, (size, stride) in enumerate(zip(shape, row_strides)):
+            view = [1] * len(shape)
+            view[dim] = size
+            rows = rows + torch.arange(size, device=device).view(view) * stride
+        return rows.expand(shape).reshape(split).permute(perm).reshape(-1)
+
+
+def _rearranged(x: torch.Tensor, lead: int, split: tuple[int, ...], perm: tuple[int, ...],
+                shape: tuple[int, ...]) -> torch.Tensor:
+    """``x.reshape(*split, *rest).permute(*perm, ...).reshape(*shape, *rest)``, ``rest = x.shape[lead:]`` (a
+    rearrangement of the first ``lead`` dims that moves the trailing ones as units).
+
+    On CPU inference this is one gather of whole trailing blocks (``index_select`` of rows, the row order
+    cached per layout): torch's strided copy with the short contiguous runs of these rearrangements (a
+    head's 32 channels) is 2-4x slower. With gradients, under tracing or compilation, on GPUs and for
+    layouts without whole rows: the plain copy.
+    """
+    rest = x.shape[lead:]
+    fast = (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not is_tracing()
+            and not torch.compiler.is_compiling())
+    layout = _row_layout(x, lead) if fast else None
+    if layout is None:
+        moved = x.reshape(*split, *rest).permute(*perm, *range(len(split), len(split) + len(rest)))
+        return moved.reshape(*shape, *rest)
+    unit = math.prod(rest)
+    table = x.as_strided((x.untyped_storage().nbytes() // (unit * x.element_size()), unit), (unit, 1), 0)
+    order = _gather_order(tuple(x.shape[:lead]), *layout, tuple(split), tuple(perm), str(x.device))
+    return table.index_select(0, order).view(*shape, *rest)
+
+
 def _ungroup_children(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`_grid_to_blocks` (flattened): ``(B, H, h/2 * w/2, 4, ...)`` -> ``(B, H, h * w, ...)``."""
     b, nh = x.shape[:2]
-    rest = x.shape[4:]
-    x = x.reshape(b, nh, h // 2, w // 2, 2, 2, *rest).transpose(3, 4)
-    return x.reshape(b, nh, h * w, *rest)
+    return _rearranged(x, 4, (b, nh, h // 2, w // 2, 2, 2), (0, 1, 2, 4, 3, 5), (b, nh, h * w))
+
+
+def _children_to_tokens(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(B, H, h/2 * w/2, 4, D)`` grouped by parent -> ``(B, H, h * w, D)`` in grid order, as a view of
+    tokens ``(B, h * w, H * D)`` (heads merged, what the output projection reads): one rearrangement instead
+    of :func:`_ungroup_children` and a copy to merge the heads."""
+    b, nh, _, _, d = x.shape
+    tokens = _rearranged(x, 4, (b, nh, h // 2, w // 2, 2, 2), (0, 2, 4, 3, 5, 1), (b, h * w, nh))
+    return tokens.view(b, h * w, nh, d).transpose(1, 2)
 
 
 #: Bytes of gathered keys (or coarsest-level scores) per chunk of queries on CPU. Working in chunks of
@@ -145,9 +204,7 @@ def _selected_children(parent_idx: torch.Tensor, positions: torch.Tensor, child_
 def _grid_to_blocks(x: torch.Tensor) -> torch.Tensor:
     """``(B, H, h, w, ...)`` (any strides) -> ``(B, H, h/2 * w/2, 4, ...)`` grouped by 2x2 parent, one copy."""
     b, nh, h, w = x.shape[:4]
-    rest = x.shape[4:]
-    x = x.reshape(b, nh, h // 2, 2, w // 2, 2, *rest).transpose(3, 4)
-    return x.reshape(b, nh, (h // 2) * (w // 2), 4, *rest)
+    return _rearranged(x, 4, (b, nh, h // 2, 2, w // 2, 2), (0, 1, 2, 4, 3, 5), (b, nh, (h // 2) * (w // 2), 4))
 
 
 #: CPU rows at least this long take their top-k in two passes (:func:`topk_last_dim`); torch's CPU top-k
@@ -372,7 +429,8 @@ def quadtree_attention(
                 msg = msg * mix[step]
             # a parent's message is copied to its 4 children; back to this level's grid order, where
             # these queries are the parents of the next level
-            message = _ungroup_children(msg + message[:, :, :, None, :], hq, wq)
+            message = msg + message[:, :, :, None, :]
+            message = _ungroup_children(message, hq, wq) if select else _children_to_tokens(message, hq, wq)
             if select:
                 idx = _ungroup_children(idx, hq, wq)
                 scores = _ungroup_children(scores, hq, wq) if variant == "A" else None

@@ -133,6 +133,82 @@ def test_quadtree_in_chunks_equals_one_piece(variant, monkeypatch):
             assert torch.equal(a, b)
 
 
+def _channels_last_heads(maps, nh):
+    """Maps ``(B, C, h, w)`` -> ``(B, nh, h, w, C / nh)`` views of channels-last memory, as the model's
+    projections lay them out (the trailing head channels contiguous: the row-gather path)."""
+    return [m.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).unflatten(-1, (nh, -1))
+            .permute(0, 3, 1, 2, 4) for m in maps]
+
+
+def _layouts():
+    g = torch.Generator().manual_seed(3)
+    grid = torch.randn(2, 24, 6, 8, generator=g, dtype=torch.float64)
+    cl = _channels_last_heads([grid], 4)[0]  # (2, 4, 6, 8, 6): whole rows of 6
+    return {
+        "channels-last heads": (cl, True),
+        "storage offset": (_channels_last_heads([torch.randn(3, 24, 6, 8, generator=g)], 4)[0][1:], True),
+        "expanded mask": (torch.rand(2, 1, 6, 8, 1, generator=g).gt(0.5).expand(-1, 3, -1, -1, -1), True),
+        "int64, two trailing dims": (torch.randint(0, 99, (2, 3, 6, 8, 2, 5), generator=g), True),
+        "strided trailing dim": (grid.reshape(2, 4, 6, 6, 8).permute(0, 1, 3, 4, 2), False),
+        "half rows": (cl[..., :3], True),  # runs of 3 that start at multiples of 3
+        "runs off the row grid": (cl[..., 1:4], False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+def test_rearranged_gathers_rows_like_a_copy(name):
+    """The row gather gives what the plain reshape / permute copy gives, for every layout it takes; the
+    others fall back to the copy."""
+    from matcher.attention import _grid_to_blocks, _rearranged, _row_layout, _ungroup_children
+
+    x, whole_rows = _layouts()[name]
+    assert (_row_layout(x, 4) is not None) == whole_rows
+    b, nh, h, w = x.shape[:4]
+    rest = x.shape[4:]
+    expected = x.reshape(b, nh, h // 2, 2, w // 2, 2, *rest).transpose(3, 4).reshape(b, nh, h * w // 4, 4, *rest)
+    blocks = _grid_to_blocks(x)
+    assert blocks.dtype == x.dtype and torch.equal(blocks, expected)
+    assert torch.equal(_ungroup_children(blocks, h, w), x.reshape(b, nh, h * w, *rest))
+    for _ in range(2):  # the second call reads the cached row order
+        tokens = _rearranged(x, 4, (b, nh, h, w), (0, 2, 3, 1), (b, h * w, nh))
+        assert torch.equal(tokens, x.permute(0, 2, 3, 1, *range(4, x.dim())).reshape(b, h * w, nh, *rest))
+
+
+def test_rearranged_keeps_gradients_and_tracing_on_the_copy(monkeypatch):
+    from matcher.attention import _grid_to_blocks
+
+    x = _layouts()["channels-last heads"][0].clone().requires_grad_()
+    x_cl = _channels_last_heads([x.detach().permute(0, 1, 4, 2, 3).flatten(1, 2)], 4)[0].requires_grad_()
+    _grid_to_blocks(x_cl).square().sum().backward()
+    torch.testing.assert_close(x_cl.grad, 2 * x_cl.detach())
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a: calls.append(a))
+    with torch.no_grad():
+        _grid_to_blocks(x_cl)
+    assert not calls
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_quadtree_on_channels_last_maps_equals_contiguous_maps(variant):
+    """The model's layout (channels-last maps: the row gathers) gives exactly what contiguous maps (strided
+    copies) give, masks and both outputs included."""
+    b, nh, d, hw_q, hw_k = 2, 2, 4, (8, 12), (12, 8)
+    g = torch.Generator().manual_seed(5)
+    maps = [torch.randn(b, nh * d, *hw, generator=g, dtype=torch.float64) for hw in (hw_q, hw_k, hw_k)]
+    mask = torch.zeros(b, *hw_k, dtype=torch.bool)
+    mask[:, :9, :7] = True
+    (qs, _), (ks, kmasks), (vs, _) = pool_levels(maps[0], 3), pool_levels(maps[1], 3, mask), pool_levels(maps[2], 3, mask)
+    heads = lambda ms: [m.reshape(b, nh, d, *m.shape[2:]).permute(0, 1, 3, 4, 2) for m in ms]  # noqa: E731
+    weights = torch.tensor([0.2, 0.1, -0.4], dtype=torch.float64)
+    run = lambda q, k, v: quadtree_attention(q, k, v, [3, 2, 2], variant, weights, kmasks, return_selection=True)  # noqa: E731
+    with torch.inference_mode():
+        out, sel = run(heads(qs), heads(ks), heads(vs))
+        out_cl, sel_cl = run(_channels_last_heads(qs, nh), _channels_last_heads(ks, nh), _channels_last_heads(vs, nh))
+    assert torch.equal(out_cl, out)
+    assert all(torch.equal(a, c) for a, c in zip(sel, sel_cl))
+
+
 @pytest.mark.parametrize("shape,k", [((3, 5, 4800), 32), ((2, 7, 1031), 16), ((4, 1024), 128), ((6, 2000), 1)])
 def test_two_pass_topk_equals_torch_topk(shape, k):
     """Long rows (ragged tails included) give torch.topk's values and, without ties, its indices."""

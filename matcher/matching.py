@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .attention import mask_bias
 from .chunking import ChunkedOutputs, chunk_slices, is_tracing
 from .matching_triton import combine_column_lse, log_confidence_maxima, similarity_log_sum_exps, use_matching_kernels
@@ -461,8 +462,10 @@ class FinePreprocess(nn.Module):
         win1 = gather_windows(feat_f1, b_ids, j_ids, self.window, 4, w1c)
         if not self.concat_coarse:
             return win0, win1
-        coarse = self.down_proj(torch.cat([feat_c0[b_ids, i_ids], feat_c1[b_ids, j_ids]], 0))
-        merged = self.merge_feat(torch.cat([torch.cat([win0, win1], 0), coarse[:, None].expand(-1, ww, -1)], -1))
+        down, merge = self.down_proj, self.merge_feat
+        coarse = onednn.linear(torch.cat([feat_c0[b_ids, i_ids], feat_c1[b_ids, j_ids]], 0), down.weight, down.bias)
+        merged = torch.cat([torch.cat([win0, win1], 0), coarse[:, None].expand(-1, ww, -1)], -1)
+        merged = onednn.linear(merged, merge.weight, merge.bias)
         return merged.chunk(2, dim=0)
 
 

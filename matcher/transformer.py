@@ -8,9 +8,9 @@ Masks are ``(B, N)`` bool, False = padded token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .attention import full_attention, linear_attention, pool_levels, quadtree_attention
 from .conv_triton import relu_dwconv_gelu
 from .triton_support import check_kernel_choice, kernel_device, use_kernel
@@ -56,10 +56,12 @@ class LoFTREncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (_heads(proj(t), self.nhead) for proj, t in ((self.q_proj, x), (self.k_proj, source), (self.v_proj, source)))
+        q, k, v = (_heads(onednn.linear(t, proj.weight), self.nhead)
+                   for proj, t in ((self.q_proj, x), (self.k_proj, source), (self.v_proj, source)))
         attend = linear_attention if self.attention == "linear" else full_attention
-        message = self.norm1(self.merge(_merge_heads(attend(q, k, v, source_mask))))
-        return x + self.norm2(self.mlp(torch.cat([x, message], dim=-1)))
+        message = self.norm1(onednn.linear(_merge_heads(attend(q, k, v, source_mask)), self.merge.weight))
+        hidden = onednn.linear(torch.cat([x, message], dim=-1), self.mlp[0].weight, activation="relu")
+        return x + self.norm2(onednn.linear(hidden, self.mlp[2].weight))
 
 
 class DepthwiseConv(nn.Module):
@@ -69,19 +71,23 @@ class DepthwiseConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=True)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None,
+                activation: str | None = None) -> torch.Tensor:
+        """``activation(conv(x))`` (:data:`~matcher.onednn.ACTIVATIONS`) on tokens ``(B, h * w, C)``."""
         b, n, c = x.shape
         if mask is not None:  # padded tokens read as zeros, like the border of an unpadded grid
             x = x * mask[..., None].to(x.dtype)
         # tokens viewed as a channels-last grid: no transposed copies (they cost more than the conv itself)
-        out = self.dwconv(_channels_last_grid(x, hw))
+        conv = self.dwconv
+        out = onednn.conv2d(_channels_last_grid(x, hw), conv.weight, conv.bias, 1, conv.groups, activation)
         return out.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 class QuadtreeMLP(nn.Module):
     """fc1 -> ReLU -> depthwise 3x3 conv -> GELU -> fc2. ``kernel`` (:data:`~matcher.triton_support.KERNELS`):
     the middle three as one Triton kernel (:func:`~matcher.conv_triton.relu_dwconv_gelu`; ``auto``: on CUDA
-    when triton is installed and no gradient is needed)."""
+    when triton is installed and no gradient is needed). Elsewhere the activations run inside the product
+    before them (:mod:`matcher.onednn`, on CPU inference)."""
 
     def __init__(self, dim: int, hidden: int, kernel: str = "auto") -> None:
         super().__init__()
@@ -92,17 +98,17 @@ class QuadtreeMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.fc1(x)
-        if self._use_fused_kernel(hidden):
+        if self._use_fused_kernel(x):
             conv = self.dwconv.dwconv
-            return self.fc2(relu_dwconv_gelu(hidden, hw, conv.weight, conv.bias, mask))
-        return self.fc2(F.gelu(self.dwconv(F.relu(hidden, inplace=True), hw, mask)))
+            return self.fc2(relu_dwconv_gelu(self.fc1(x), hw, conv.weight, conv.bias, mask))
+        hidden = onednn.linear(x, self.fc1.weight, self.fc1.bias, "relu")
+        return onednn.linear(self.dwconv(hidden, hw, mask, "gelu"), self.fc2.weight, self.fc2.bias)
 
-    def _use_fused_kernel(self, hidden: torch.Tensor) -> bool:
-        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or self.dwconv.dwconv.weight.requires_grad)
+    def _use_fused_kernel(self, x: torch.Tensor) -> bool:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))
         requirements = ("the Triton MLP kernel needs no gradient, triton installed, float32 / float16 / bfloat16 tokens, "
-                        f"a CUDA device (or TRITON_INTERPRET=1) and no tracing; got {hidden.dtype} on {hidden.device.type}")
-        return use_kernel(self.kernel, not needs_grad and kernel_device(hidden), hidden.device, requirements)
+                        f"a CUDA device (or TRITON_INTERPRET=1) and no tracing; got {x.dtype} on {x.device.type}")
+        return use_kernel(self.kernel, not needs_grad and kernel_device(x), x.device, requirements)
 
 
 class LevelMixture(nn.Module):
@@ -137,7 +143,7 @@ class QuadtreeAttention(nn.Module):
         source_mask: torch.Tensor | None = None,
         return_selection: bool = False,
     ):
-        project = lambda conv, t, t_hw: _channels_last_grid(F.linear(t, conv.weight.flatten(1)), t_hw)  # noqa: E731
+        project = lambda conv, t, t_hw: _channels_last_grid(onednn.linear(t, conv.weight.flatten(1)), t_hw)  # noqa: E731
         mask_x = None if x_mask is None else x_mask.reshape(-1, *hw)
         mask_s = None if source_mask is None else source_mask.reshape(-1, *source_hw)
         qs, _ = pool_levels(project(self.q_proj, x, hw), self.num_levels, mask_x)
@@ -149,7 +155,7 @@ class QuadtreeAttention(nn.Module):
             self.py_att.weight, kmasks, return_selection=return_selection, kernel=self.kernel,
         )
         message, selection = out if return_selection else (out, None)
-        message = self.proj(_merge_heads(message))
+        message = onednn.linear(_merge_heads(message), self.proj.weight, self.proj.bias)
         return (message, selection) if return_selection else message
 
 

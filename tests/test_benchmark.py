@@ -53,6 +53,22 @@ def test_stage_reference_rates_and_tf32_switch(bench, monkeypatch):
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
+def test_cpu_matmul_rate_is_the_better_of_torch_and_onednn(bench, monkeypatch):
+    from matcher.onednn import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    timed = {}
+
+    def fake_times(fns, repeats, device, warmup=1):
+        timed.update({name: fn() for name, fn in fns.items()})
+        return {"mm": [4.0, 2.0], "onednn": [1.0, 3.0]}
+
+    monkeypatch.setattr(bench, "interleaved_times", fake_times)
+    assert bench.matmul_gflops("cpu", torch.float32, 10, repeats=2) == pytest.approx(2 * 10**3 / 1.0 / 1e9)
+    torch.testing.assert_close(timed["onednn"], timed["mm"])  # both compute a @ b
+
+
 def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},

@@ -279,11 +279,19 @@ def attention_forward(layer, kind: str, grid: tuple[int, int], x: torch.Tensor, 
         return layer.proj(message.transpose(1, 2).reshape(b, n, c))
 
 
-def counted_gflop(fn: Callable[[], Any]) -> float:
-    """GFLOP of the matrix products and convolutions one call of ``fn`` runs (torch FlopCounterMode)."""
+def flop_counter():
+    """torch's FlopCounterMode (matrix products and convolutions), told about the oneDNN ops that CPU
+    inference runs its linear maps through."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    from matcher.onednn import flop_formulas
+
+    return FlopCounterMode(display=False, custom_mapping=flop_formulas())
+
+
+def counted_gflop(fn: Callable[[], Any]) -> float:
+    """GFLOP of the matrix products and convolutions one call of ``fn`` runs (:func:`flop_counter`)."""
+    counter = flop_counter()
     with counter:
         fn()
     return counter.get_total_flops() / 1e9
@@ -505,15 +513,13 @@ def stage_reference_rates(device: str, rates: dict[str, float], feature_dtype: s
 
 
 def section_flops(hw: tuple[int, int], device: str, repeats: int, rates: dict[str, float], feature_dtype: str = "float32") -> dict:
-    """FLOPs per stage (torch FlopCounterMode), time per stage (module hooks), achieved GFLOP/s and its share
+    """FLOPs per stage (:func:`flop_counter`), time per stage (module hooks), achieved GFLOP/s and its share
     of the measured matmul rate (``rates``, by :func:`stage_reference_rates`). 'other' = everything outside
     the four modules (position encoding, dual softmax and mutual nearest neighbours, window expectation).
     ``feature_dtype``: ``inference.feature_dtype`` of the model (resolved: float32 or bfloat16)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = build_ours("quadtree_b_indoor", device, feature_dtype=feature_dtype)
     x0, x1 = sample_pair(hw, device)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         run_pair(model, x0, x1)
     counts = counter.get_flop_counts()

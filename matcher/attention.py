@@ -91,16 +91,18 @@ def _row_layout(x: torch.Tensor, lead: int) -> tuple[tuple[int, ...], int] | Non
     """Where ``x``'s positions lie in its storage seen as rows of ``x.shape[lead:]`` (one position per row):
     the row strides of the first ``lead`` dims and the first position's row. None where the trailing dims
     are not one contiguous run that starts at a multiple of its length."""
-    unit = math.prod(x.shape[lead:])
-    inner = torch.empty(x.shape[lead:], device="meta").stride()
-    contiguous = all(a == b for a, b, n in zip(x.stride()[lead:], inner, x.shape[lead:]) if n > 1)
+    unit = 1
+    for size, stride in reversed(list(zip(x.shape[lead:], x.stride()[lead:]))):
+        if size > 1 and stride != unit:  # the trailing dims are not one contiguous run
+            return None
+        unit *= size
     strides = [s if n > 1 else 0 for s, n in zip(x.stride()[:lead], x.shape[:lead])]
-    if unit == 0 or not contiguous or x.storage_offset() % unit or any(s % unit for s in strides):
+    if unit == 0 or x.storage_offset() % unit or any(s % unit for s in strides):
         return None
     return tuple(s // unit for s in strides), x.storage_offset() // unit
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def _gather_order(shape, row_strides, first_row, split, perm, device: str) -> torch.Tensor:
     """The rows, in gather order, of positions ``shape`` laid out as ``row_strides`` from ``first_row``, split
     into ``split`` and permuted by ``perm`` (int64, flat). Cached: the same few layouts recur in every layer."""

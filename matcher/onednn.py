@@ -11,6 +11,8 @@ comes from the plain torch ops.
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -107,3 +109,19 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
         cast(x), cast(weight), cast(bias), [padding, padding], [1, 1], [1, 1], groups, ACTIVATIONS[activation], [],
         _algorithm(activation),
     )
+
+
+def flop_formulas() -> dict[object, Callable[..., int]]:
+    """FLOP counts of the fused ops, for ``torch.utils.flop_counter.FlopCounterMode(custom_mapping=...)``,
+    which knows ``mm`` and ``convolution`` but not these: 2 FLOPs per multiply-add, as it counts."""
+    if not onednn_available():
+        return {}
+    from torch.utils.flop_counter import conv_flop_count
+
+    def linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+    def conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+    return {torch.ops.mkldnn._linear_pointwise: linear_flops, torch.ops.mkldnn._convolution_pointwise: conv_flops}

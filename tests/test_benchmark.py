@@ -35,6 +35,25 @@ def test_check_target_and_flop_count_of_a_known_matmul(bench):
     assert counter.get_total_flops() == 2 * 3 * 5 * 7  # what section_flops relies on
 
 
+def test_flop_counter_counts_the_onednn_inference_path(bench):
+    """CPU inference runs the QuadTree MLP through oneDNN's fused ops; the benchmark's counter counts them as
+    it counts the plain ops of the autograd path."""
+    from matcher.transformer import QuadtreeMLP
+
+    torch.manual_seed(0)
+    mlp, x = QuadtreeMLP(16, 64, kernel="torch"), torch.randn(1, 12, 16)
+
+    def count(fn):
+        counter = bench.flop_counter()
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.inference_mode():
+        inference = count(lambda: mlp(x, (3, 4), None))
+    assert inference == count(lambda: mlp(x, (3, 4), None)) == 2 * (2 * 12 * 16 * 64) + 2 * 12 * 64 * 9
+
+
 def test_stage_reference_rates_and_tf32_switch(bench, monkeypatch):
     """The backbone is compared with the TF32 rate only on CUDA, when cuDNN uses TF32 and that rate exists;
     measuring a TF32 rate leaves the global matmul setting as it was."""

@@ -109,3 +109,23 @@ def test_quadtree_mlp_and_loftr_layers_match_their_autograd_path():
         fast = loftr(f0, f1)
     for a, b in zip(fast, loftr(f0, f1)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_flop_formulas_count_as_torch_counts_the_plain_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(fn, mapping=None):
+        counter = FlopCounterMode(display=False, custom_mapping=mapping or {})
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    g = _gen(4)
+    x, w, b = torch.randn(3, 7, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    img, kernel = torch.randn(2, 8, 9, 11, generator=g), torch.randn(8, 1, 3, 3, generator=g)
+    with torch.inference_mode():
+        fused = flops(lambda: (onednn.linear(x, w, b, "relu"), onednn.conv2d(img, kernel, None, 1, 8, "gelu")),
+                      onednn.flop_formulas())
+    plain = flops(lambda: (F.linear(x, w, b), F.conv2d(img, kernel, padding=1, groups=8)))
+    assert fused == plain == 2 * 21 * 40 * 24 + 2 * 2 * 8 * 9 * 11 * 9

@@ -240,7 +240,8 @@ def topk_last_dim(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.T
     body = num_groups * TOPK_GROUP
     strided = x[..., :body].unflatten(-1, (TOPK_GROUP, num_groups))  # [..., j, g] = entry j * groups + g
     group_idx = torch.topk(strided.amax(dim=-2), k, dim=-1, sorted=False).indices  # (..., k)
-    # candidate j * k + s is entry j * num_groups + group_idx[s] (member j of the s-th chosen group), then the tail
+    # candidate j * k + s is entry j * num_groups + group_idx[s] (member j of the s-th chosen group); then the
+    # ragged tail
     candidates = torch.gather(strided, -1, group_idx.unsqueeze(-2).expand(*lead, TOPK_GROUP, k)).flatten(-2)
     if body < n:
         candidates = torch.cat([candidates, x[..., body:]], dim=-1)

@@ -56,12 +56,13 @@ class LoFTREncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (_heads(onednn.linear(t, proj.weight), self.nhead)
-                   for proj, t in ((self.q_proj, x), (self.k_proj, source), (self.v_proj, source)))
+        dense = lambda layer, t, activation=None: onednn.linear(t, layer.weight, layer.bias, activation)  # noqa: E731
+        sources = ((self.q_proj, x), (self.k_proj, source), (self.v_proj, source))
+        q, k, v = (_heads(dense(proj, t), self.nhead) for proj, t in sources)
         attend = linear_attention if self.attention == "linear" else full_attention
-        message = self.norm1(onednn.linear(_merge_heads(attend(q, k, v, source_mask)), self.merge.weight))
-        hidden = onednn.linear(torch.cat([x, message], dim=-1), self.mlp[0].weight, activation="relu")
-        return x + self.norm2(onednn.linear(hidden, self.mlp[2].weight))
+        message = self.norm1(dense(self.merge, _merge_heads(attend(q, k, v, source_mask))))
+        hidden = dense(self.mlp[0], torch.cat([x, message], dim=-1), "relu")
+        return x + self.norm2(dense(self.mlp[2], hidden))
 
 
 class DepthwiseConv(nn.Module):

@@ -576,11 +576,13 @@ def section_profile(hw: tuple[int, int], device: str, repeats: int, rows: int = 
 
     x0, x1 = sample_pair(hw, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    models = {"ours": lambda: build_ours("quadtree_b_indoor", device)}
+    # ours as it runs by default on this machine (bf16 features on CPUs with native bf16)
+    feature_dtype = "bfloat16" if resolve_feature_dtype("auto", device) == torch.bfloat16 else "float32"
+    models = {"ours": lambda: build_ours("quadtree_b_indoor", device, feature_dtype=feature_dtype)}
     if device.startswith("cuda") and kernel_device(torch.empty(0, device=device)):
         models["ours_pytorch"] = lambda: build_ours("quadtree_b_indoor", device, kernel="torch")
     models["kornia_loftr"] = lambda: build_kornia(device)
-    result: dict[str, Any] = {"hw": list(hw), "models": {}}
+    result: dict[str, Any] = {"hw": list(hw), "ours_feature_dtype": feature_dtype, "models": {}}
     for name, build in models.items():
         model = build()
         fn = lambda model=model: run_pair(model, x0, x1)  # noqa: E731
@@ -736,7 +738,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def render_profile(prof: dict[str, Any], device: str) -> list[str]:
     what = "GPU kernels by self device time" if device.startswith("cuda") else "operators by self CPU time"
-    lines = [f"## Profile, one {prof['hw'][1]}x{prof['hw'][0]} pair", ""]
+    lines = [f"## Profile, one {prof['hw'][1]}x{prof['hw'][0]} pair", "",
+             f"ours with `inference.feature_dtype: {prof['ours_feature_dtype']}` (the default on this machine)", ""]
     for name, m in prof["models"].items():
         stages = ", ".join(f"{s} {v:.1f}" for s, v in m["stage_ms"].items())
         lines += [f"{name}: {1e3 * m['seconds']:.1f} ms per pair; stages (ms): {stages}", "",

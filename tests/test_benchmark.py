@@ -213,6 +213,7 @@ def test_matching_section_times_the_restricted_second_pass_against_every_entry(b
 def test_profile_section_reports_stages_and_costliest_operators(bench):
     prof = bench.section_profile((96, 128), "cpu", repeats=1, rows=5)
     assert set(prof["models"]) == {"ours", "kornia_loftr"}
+    assert prof["ours_feature_dtype"] == "float32"  # the tests see a CPU without native bf16 (conftest)
     ours, kornia = prof["models"]["ours"], prof["models"]["kornia_loftr"]
     assert set(ours["stage_ms"]) <= set(bench.PROFILE_STAGES) and {"backbone", "loftr_coarse"} <= set(ours["stage_ms"])
     assert "coarse_matching" in kornia["stage_ms"]  # kornia matches inside a module, ours does not
@@ -223,6 +224,14 @@ def test_profile_section_reports_stages_and_costliest_operators(bench):
         assert [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
     lines = bench.render_profile(prof, "cpu")
     assert "| operators by self CPU time | ms | calls |" in lines and any(top[0]["name"] in line for line in lines)
+
+
+@pytest.mark.native_bf16
+def test_profile_section_profiles_the_default_precision(bench):
+    """On a CPU with native bf16 'ours' is profiled as it runs by default there: bf16 features."""
+    prof = bench.section_profile((64, 96), "cpu", repeats=1, rows=3)
+    assert prof["ours_feature_dtype"] == "bfloat16"
+    assert "ours with `inference.feature_dtype: bfloat16` (the default on this machine)" in bench.render_profile(prof, "cpu")
 
 
 def test_top_operations_ranks_gpu_kernels_or_cpu_operators(bench):

@@ -115,7 +115,7 @@ FUSED_MATCHING_CHUNK_ENTRIES = 1 << 29
 def _chunk_similarity(feat0: torch.Tensor, feat1: torch.Tensor, scale: float, rows: slice, mask0, mask1) -> torch.Tensor:
     """Scaled similarity of the query rows ``rows`` ``(B, r, L1)``. Padded rows and columns each add a quarter
     of the dtype's minimum: far below any real similarity, and finite even where both add up."""
-    sim = torch.einsum("blc,bsc->bls", feat0[:, rows] * scale, feat1)  # scaling the rows, not the products
+    sim = onednn.products(feat0[:, rows] * scale, feat1)  # scaling the rows, not the products
     for bias in _padding_biases(mask0, mask1, rows, sim.dtype, torch.finfo(sim.dtype).min / 4):
         sim = sim + bias
     return sim
@@ -282,7 +282,7 @@ def _log_confidence_maxima(rows_ext: torch.Tensor, cols_ext: torch.Tensor, chunk
     ``(B, L1)``, from the extended features of :func:`_extended_features`."""
     best, col_best = ChunkedOutputs(rows_ext.shape[1], dim=1), None
     for rows in chunks:
-        log_conf = torch.bmm(rows_ext[:, rows], cols_ext)
+        log_conf = onednn.products(rows_ext[:, rows], cols_ext.transpose(1, 2))  # cols_ext: a transposed view
         best.add(log_conf.max(dim=2), rows)
         part = log_conf.amax(dim=1)
         col_best = part if col_best is None else torch.maximum(col_best, part)
@@ -339,7 +339,7 @@ def _pruned_log_confidence_maxima(
         while start < num_rows and widths[start] > 0:  # widths never grow: a row without columns ends it
             width = widths[start]
             stop = min(num_rows, start + max(1, max_entries // width))
-            log_conf = torch.mm(lhs[start:stop], rhs[:width].transpose(0, 1))
+            log_conf = onednn.products(lhs[start:stop], rhs[:width])
             best, arg = log_conf.max(dim=1)
             row_best[i, rows[start:stop]] = best
             j_best[i, rows[start:stop]] = cols[arg]

@@ -83,13 +83,13 @@ def test_second_pass_computes_only_entries_that_can_reach_the_threshold(monkeypa
     log_thr = math.log(0.3)
 
     computed = []
-    real_mm = torch.mm
+    real_products = matching.onednn.products
 
-    def counting_mm(a, b):
-        computed.append(a.shape[0] * b.shape[1])
-        return real_mm(a, b)
+    def counting_products(a, b):
+        computed.append(a.shape[0] * b.shape[0])
+        return real_products(a, b)
 
-    monkeypatch.setattr(torch, "mm", counting_mm)
+    monkeypatch.setattr(matching.onednn, "products", counting_products)
     row_best, j_best, col_best = matching._pruned_log_confidence_maxima(
         rows_ext, cols_ext, row_bound, col_bound, log_thr, max_entries=200
     )

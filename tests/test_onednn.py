@@ -129,3 +129,22 @@ def test_flop_formulas_count_as_torch_counts_the_plain_ops():
                       onednn.flop_formulas())
     plain = flops(lambda: (F.linear(x, w, b), F.conv2d(img, kernel, padding=1, groups=8)))
     assert fused == plain == 2 * 21 * 40 * 24 + 2 * 2 * 8 * 9 * 11 * 9
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [None, 1, 3])
+def test_products_match_float64_reference(batch, monkeypatch):
+    g = _gen(5)
+    lead = () if batch is None else (batch,)
+    a, b = torch.randn(*lead, 33, 20, generator=g), torch.randn(*lead, 47, 20, generator=g)
+    expected = a.double() @ b.double().transpose(-1, -2)
+    calls = _took_onednn(monkeypatch)
+    with torch.inference_mode():
+        out = onednn.products(a, b)
+    assert calls == ["_linear_op"] * (1 if batch is None else batch)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    leaf = a.clone().requires_grad_()  # autograd: torch's matmul, and its gradient
+    onednn.products(leaf, b).sum().backward()
+    torch.testing.assert_close(leaf.grad, b.sum(-2, keepdim=True).expand_as(a))
+    assert len(calls) == (1 if batch is None else batch)

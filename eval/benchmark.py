@@ -109,14 +109,14 @@ def matmul_gflops(device: str, dtype: torch.dtype, n: int, repeats: int = 5, tf3
     (noise only ever slows a run down). On CPU the better of torch's matmul (MKL in float32) and oneDNN's
     (what the model's linear maps use; 1.2-1.3x MKL's float32 rate on an AMD EPYC). ``tf32``: float32
     matmuls on CUDA tensor cores in TF32, the precision cuDNN uses for float32 convolutions by default."""
-    from matcher.onednn import onednn_available
+    from matcher.onednn import ONEDNN_DTYPES, onednn_available, products
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     fns = {"mm": lambda: a @ b}
-    if device == "cpu" and onednn_available() and dtype in (torch.float32, torch.bfloat16):
-        b_rows = b.t().contiguous()  # oneDNN's linear takes (out, in) weights: a @ b_rows.T = a @ b
-        fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_rows, None, "none", [], None)
+    if device == "cpu" and onednn_available() and dtype in ONEDNN_DTYPES:  # (bf16 matmuls run on oneDNN anyway)
+        b_rows = b.t().contiguous()  # products(a, b_rows) = a @ b_rows.T = a @ b
+        fns["onednn"] = lambda: products(a, b_rows)
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .chunking import ChunkedOutputs, chunk_slices, is_tracing
+from .chunking import ChunkedOutputs, chunk_slices, cpu_inference, is_tracing
 from .quadtree_triton import fused_refine_available, fused_refine_b
 from .triton_support import use_kernel
 
@@ -126,9 +126,7 @@ def _rearranged(x: torch.Tensor, lead: int, split: tuple[int, ...], perm: tuple[
     layouts without whole rows: the plain copy.
     """
     rest = x.shape[lead:]
-    fast = (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not is_tracing()
-            and not torch.compiler.is_compiling())
-    layout = _row_layout(x, lead) if fast else None
+    layout = _row_layout(x, lead) if cpu_inference(x) else None
     if layout is None:
         moved = x.reshape(*split, *rest).permute(*perm, *range(len(split), len(split) + len(rest)))
         return moved.reshape(*shape, *rest)

@@ -11,6 +11,14 @@ def is_tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
+def cpu_inference(*tensors: torch.Tensor | None) -> bool:
+    """Whether CPU-only inference shortcuts may replace the plain torch ops: the tensors are on the CPU, none
+    needs a gradient, and the code is neither traced for export nor compiled."""
+    first = next(t for t in tensors if t is not None)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return first.device.type == "cpu" and not needs_grad and not is_tracing() and not torch.compiler.is_compiling()
+
+
 def chunk_slices(total: int, size: int) -> list[slice]:
     """Slices of at most ``size`` (at least 1) items covering ``range(total)``."""
     size = max(1, size)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .chunking import is_tracing
+from .chunking import cpu_inference
 
 #: Activations these functions take, as oneDNN post-op names (None: no activation).
 ACTIVATIONS = {None: "none", "relu": "relu", "gelu": "gelu"}
@@ -53,9 +53,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> bool:
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    return (x.device.type == "cpu" and dtype in ONEDNN_DTYPES and not needs_grad and onednn_available()
-            and not is_tracing() and not torch.compiler.is_compiling())
+    return dtype in ONEDNN_DTYPES and onednn_available() and cpu_inference(x, *params)
+
+
+def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -87,8 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dtype = _compute_dtype(x)
     if not _applies(x, (weight, bias), dtype):
         return _activate(F.linear(x, weight, bias), activation)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return _linear_op(cast(x), cast(weight), cast(bias), ACTIVATIONS[activation], [], _algorithm(activation))
+    return _linear_op(*_cast(dtype, x, weight, bias), ACTIVATIONS[activation], [], _algorithm(activation))
 
 
 def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -121,9 +122,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
     dtype = _compute_dtype(x)
     if not _applies(x, (weight, bias), dtype):
         return _activate(F.conv2d(x, weight, bias, padding=padding, groups=groups), activation)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return _conv_op(
-        cast(x), cast(weight), cast(bias), [padding, padding], [1, 1], [1, 1], groups, ACTIVATIONS[activation], [],
+        *_cast(dtype, x, weight, bias), [padding, padding], [1, 1], [1, 1], groups, ACTIVATIONS[activation], [],
         _algorithm(activation),
     )
 

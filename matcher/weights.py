@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -91,6 +92,13 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     model.load_state_dict(state, strict=True)
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then restored)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def export_safetensors(
     checkpoint: str | Path, out: str | Path, config: str | Path, half: bool = True
 ) -> dict[str, int]:
@@ -117,6 +125,7 @@ def export_safetensors(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata={"source": Path(checkpoint).name, "dtype": "float16" if half else "float32"})
+    out.chmod(0o666 & ~_umask())  # safetensors creates its files 0600; shipped weights are for others to read too
     out.with_suffix(".yaml").write_text(OmegaConf.to_yaml(cfg))
     return {"tensors": len(state), "bytes": out.stat().st_size}
 

@@ -134,6 +134,8 @@ def test_export_weights_cli_writes_fp16_safetensors_and_config(lite_model, tmp_p
     out = tmp_path / "shipped" / "mine.safetensors"
     assert main([str(ckpt), str(out), "--config", "lite"]) == 0
     assert out.with_suffix(".yaml").is_file()
+    # the weights file gets the mode the umask gives any new file, like its yaml (safetensors alone: 0600)
+    assert out.stat().st_mode & 0o777 == out.with_suffix(".yaml").stat().st_mode & 0o777
     from safetensors.torch import load_file
 
     assert all(v.dtype in (torch.float16, torch.int64) for v in load_file(str(out)).values())

@@ -297,30 +297,51 @@ def counted_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def sdpa_estimates(grids: list[tuple[int, int]], forwards: dict[tuple[int, int], Callable[[str], Any]],
+                   device: str) -> dict[tuple[int, int], float]:
+    """Estimated seconds of one exact-attention call per grid, from one timed call at the first grid (after
+    one untimed) scaled by the square of the token ratio (exact attention is quadratic in the tokens)."""
+    first = grids[0]
+    forwards[first]("sdpa")
+    sync(device)
+    start = time.perf_counter()
+    forwards[first]("sdpa")
+    sync(device)
+    probe_s = time.perf_counter() - start
+    n0 = first[0] * first[1]
+    return {g: probe_s * (g[0] * g[1] / n0) ** 2 for g in grids}
+
+
 def section_attention(grids: list[tuple[int, int]], device: str, threads: int, repeats: int, sdpa_budget_s: float,
                       reuse_memory: bool) -> dict:
-    """Time (in-process, interleaved), FLOPs and peak memory (child processes) of QuadTree-B vs SDPA per grid."""
+    """Time, FLOPs and peak memory (child processes) of QuadTree-B vs SDPA per grid.
+
+    Every grid's QuadTree-B call and the SDPA calls that fit the budget are timed in ONE interleaved run
+    (4,800 / SDPA / 19,200 / SDPA / 76,800 tokens, round after round), so the time-growth ratios, like the
+    speed-ups, compare calls taken moments apart rather than minutes apart on a machine whose speed drifts.
+    """
+    layers = {grid: attention_layer(grid, device) for grid in grids}
+    forwards = {grid: (lambda kind, grid=grid: attention_forward(layers[grid][0], kind, grid, *layers[grid][1]))
+                for grid in grids}
+    estimates = sdpa_estimates(grids, forwards, device)
+    fns: dict[str, Callable[[], Any]] = {}
+    for grid in grids:
+        fns[f"quadtree {grid}"] = lambda grid=grid: forwards[grid]("quadtree")
+        if estimates[grid] * (repeats + 1) <= sdpa_budget_s:
+            fns[f"sdpa {grid}"] = lambda grid=grid: forwards[grid]("sdpa")
+    times = median_times(fns, repeats, device)
     rows = []
-    sdpa_estimate = None
     for grid in grids:
         n = grid[0] * grid[1]
-        qt_layer, qt_in = attention_layer(grid, device)
-        fns = {"quadtree": lambda: attention_forward(qt_layer, "quadtree", grid, *qt_in)}
-        run_sdpa = sdpa_estimate is None or sdpa_estimate * (repeats + 1) <= sdpa_budget_s
-        if run_sdpa:
-            fns["sdpa"] = lambda: attention_forward(qt_layer, "sdpa", grid, *qt_in)
-        times = median_times(fns, repeats, device)
-        row = {"tokens": n, "grid": list(grid), "quadtree_s": times["quadtree"], "sdpa_s": times.get("sdpa"),
-               "quadtree_gflop": counted_gflop(fns["quadtree"])}
+        row = {"tokens": n, "grid": list(grid), "quadtree_s": times[f"quadtree {grid}"], "sdpa_s": times.get(f"sdpa {grid}"),
+               "quadtree_gflop": counted_gflop(fns[f"quadtree {grid}"])}
         if row["sdpa_s"] is not None:
-            sdpa_estimate = row["sdpa_s"] * 16  # exact attention is quadratic in the tokens
             row["speedup"] = row["sdpa_s"] / row["quadtree_s"]
         else:
-            row["sdpa_note"] = f"skipped: estimated {sdpa_estimate:.0f} s per call (quadratic extrapolation)"
-            sdpa_estimate *= 16
+            row["sdpa_note"] = f"skipped: estimated {estimates[grid]:.0f} s per call (quadratic extrapolation)"
         spec = {"kind": "attention", "grid": list(grid), "device": device, "threads": threads, "reuse_freed_memory": reuse_memory}
         row["quadtree_peak_mb"] = run_child({**spec, "model": "quadtree"}).get("peak_mb")
-        row["sdpa_peak_mb"] = run_child({**spec, "model": "sdpa"}).get("peak_mb") if run_sdpa else None
+        row["sdpa_peak_mb"] = run_child({**spec, "model": "sdpa"}).get("peak_mb") if row["sdpa_s"] is not None else None
         rows.append(row)
         print(f"  attention {n} tokens: {row}", flush=True)
     return {"rows": rows}
@@ -801,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in sections:
         print("attention ...", flush=True)
         grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
-        results["attention"] = section_attention(grids, device, threads, repeats, sdpa_budget_s=30 if quick else 300,
+        attention_repeats = repeats if quick or args.repeats else 5  # growth ratios are targets too
+        results["attention"] = section_attention(grids, device, threads, attention_repeats, sdpa_budget_s=30 if quick else 300,
                                                   reuse_memory=reuse_memory)
     if "matching" in sections:
         print("coarse matching ...", flush=True)

@@ -88,6 +88,37 @@ def test_cpu_matmul_rate_is_the_better_of_torch_and_onednn(bench, monkeypatch):
     torch.testing.assert_close(timed["onednn"], timed["mm"])  # both compute a @ b
 
 
+def test_attention_section_times_every_grid_in_one_interleaved_run(bench, monkeypatch):
+    """The time-growth ratios compare QuadTree-B calls of one interleaved run (rounds over all grids), like
+    the speed-ups; SDPA runs only at the grids whose quadratic estimate fits the budget."""
+    calls, runs = [], []
+    monkeypatch.setattr(bench, "attention_layer", lambda grid, device: (grid, ()))
+    monkeypatch.setattr(bench, "attention_forward", lambda layer, kind, grid, *inputs: calls.append((kind, grid[0] * grid[1])))
+    monkeypatch.setattr(bench, "counted_gflop", lambda fn: 1.0)
+    monkeypatch.setattr(bench, "run_child", lambda spec: {"peak_mb": 1.0})
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))  # every call "takes" 1 s
+
+    def fake_median_times(fns, repeats, device, warmup=1):
+        runs.append(list(fns))
+        for _ in range(warmup + repeats):
+            for fn in fns.values():
+                fn()
+        return {name: float(len(name)) for name in fns}
+
+    monkeypatch.setattr(bench, "median_times", fake_median_times)
+    grids = [(2, 2), (4, 4), (8, 8)]  # 4, 16, 64 tokens: SDPA estimated at 1, 16 and 256 s per call
+    out = bench.section_attention(grids, "cpu", 1, repeats=3, sdpa_budget_s=100, reuse_memory=False)
+    assert runs == [["quadtree (2, 2)", "sdpa (2, 2)", "quadtree (4, 4)", "sdpa (4, 4)", "quadtree (8, 8)"]]
+    # two SDPA calls at the first grid for the estimate, then rounds over every grid
+    assert calls[:2] == [("sdpa", 4), ("sdpa", 4)] and calls[2:7] == [("quadtree", 4), ("sdpa", 4), ("quadtree", 16),
+                                                                    ("sdpa", 16), ("quadtree", 64)]
+    rows = out["rows"]
+    assert [r["quadtree_s"] for r in rows] == [len("quadtree (2, 2)"), len("quadtree (4, 4)"), len("quadtree (8, 8)")]
+    assert rows[1]["speedup"] == len("sdpa (4, 4)") / len("quadtree (4, 4)")
+    assert rows[2]["sdpa_s"] is None and "estimated 256 s" in rows[2]["sdpa_note"] and rows[2]["sdpa_peak_mb"] is None
+
+
 def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},

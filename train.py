@@ -187,6 +187,9 @@ def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
         strategy=t.strategy, precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_check_interval,
+        # an int interval counts training batches across epochs (Lightning otherwise restarts the count every
+        # epoch and refuses an interval longer than one); a float is a share of each epoch
+        check_val_every_n_epoch=None if isinstance(t.val_check_interval, int) else 1,
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=t.num_sanity_val_steps,
         sync_batchnorm=bool(sync_bn), use_distributed_sampler=False,  # the data module splits per rank
         logger=CSVLogger(run_dir, name="logs", version=""), enable_progress_bar=True,

@@ -83,6 +83,17 @@ def test_run_stopped_by_max_steps_saves_final_state_and_validates(train_main, tm
     assert (run / "val_figures" / "step0000004_pair0.png").is_file()
 
 
+def test_validation_interval_in_steps_runs_across_epochs(train_main, tmp_path):
+    """An int val_check_interval counts steps over the whole run, even when it is longer than an epoch (3 steps
+    here; Lightning's per-epoch count refused it with a traceback)."""
+    run = tmp_path / "across"
+    extra = ("--max-steps", "7", "--set", "data.train_length=3", "--set", "trainer.val_check_interval=4",
+             "--set", "trainer.checkpoint_every_n_steps=100")
+    assert train_main(_args(run, *extra)) == 0
+    assert sorted(p.name for p in (run / "val_figures").glob("*.png")) == ["step0000004_pair0.png", "step0000007_pair0.png"]
+    assert _step(run / "checkpoints" / "last.ckpt") == 7
+
+
 def test_run_stopped_by_max_epochs_saves_final_state(train_main, tmp_path, capsys):
     run = tmp_path / "epochs"  # 3 steps per epoch, last.ckpt every 2 steps
     args = _args(run, "--max-epochs", "1", "--set", "data.train_length=3", "--set", "trainer.checkpoint_every_n_steps=2")

@@ -355,9 +355,11 @@ def _fused_mutual_nearest_matches(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunked_mutual_nearest_matches` with each pass one Triton kernel over a chunk's float32
     similarity (:mod:`matcher.matching_triton`); a single chunk's similarity is kept for the second pass."""
+    feat0, feat1 = feat0.float(), feat1.float()  # once, not per chunk (as the PyTorch path's second pass: float32)
+
     def similarity(rows: slice) -> torch.Tensor:
-        with torch.autocast(feat0.device.type, enabled=False):  # as the PyTorch path's second pass: float32
-            return _chunk_similarity(feat0.float(), feat1.float(), scale, rows, mask0, mask1)
+        with torch.autocast(feat0.device.type, enabled=False):
+            return _chunk_similarity(feat0, feat1, scale, rows, mask0, mask1)
 
     kept = None
     row_lse, col_parts = ChunkedOutputs(feat0.shape[1], dim=1), []

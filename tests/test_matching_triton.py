@@ -58,10 +58,12 @@ def test_log_confidence_maxima_equal_torch(device, masked):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("max_entries", [None, 2 * 24 * 96])  # one chunk (product kept) / several (recomputed)
-def test_matches_equal_the_torch_path(device, masked, max_entries):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 features: both paths match in float32
+def test_matches_equal_the_torch_path(device, masked, max_entries, dtype):
     g = torch.Generator().manual_seed(3)
     feat0, feat1 = (torch.randn(2, n, 32, generator=g).to(device) for n in (80, 96))
     feat1[:, :60] = feat0[:, :60] + 0.1 * torch.randn(2, 60, 32, generator=g).to(device)  # true matches
+    feat0, feat1 = feat0.to(dtype), feat1.to(dtype)
     mask0 = mask1 = None
     if masked:  # bottom-right padding: 8x10 valid of 8x10 / 8x12 grids, second image padded
         mask0 = torch.ones(2, 80, dtype=torch.bool, device=device)

@@ -777,7 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--sections", default="e2e,agreement,attention,matching,memory,flops,gpu,profile", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, and 5 for the end-to-end and attention sections, whose ratios are targets; quick 1)")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's malloc at its defaults (by default freed blocks are kept for reuse, as the "

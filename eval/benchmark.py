@@ -30,6 +30,7 @@ Memory: like the command-line tools, the benchmark (and its child processes) kee
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -297,18 +298,16 @@ def counted_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def sdpa_estimates(grids: list[tuple[int, int]], forwards: dict[tuple[int, int], Callable[[str], Any]],
-                   device: str) -> dict[tuple[int, int], float]:
-    """Estimated seconds of one exact-attention call per grid, from one timed call at the first grid (after
-    one untimed) scaled by the square of the token ratio (exact attention is quadratic in the tokens)."""
-    first = grids[0]
-    forwards[first]("sdpa")
+def sdpa_estimates(grids: list[tuple[int, int]], first_sdpa: Callable[[], Any], device: str) -> dict[tuple[int, int], float]:
+    """Estimated seconds of one exact-attention call per grid, from one timed call of ``first_sdpa`` (the
+    first grid's, after one untimed) scaled by the square of the token ratio (exact attention is quadratic)."""
+    first_sdpa()
     sync(device)
     start = time.perf_counter()
-    forwards[first]("sdpa")
+    first_sdpa()
     sync(device)
     probe_s = time.perf_counter() - start
-    n0 = first[0] * first[1]
+    n0 = grids[0][0] * grids[0][1]
     return {g: probe_s * (g[0] * g[1] / n0) ** 2 for g in grids}
 
 
@@ -320,15 +319,15 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
     (4,800 / SDPA / 19,200 / SDPA / 76,800 tokens, round after round), so the time-growth ratios, like the
     speed-ups, compare calls taken moments apart rather than minutes apart on a machine whose speed drifts.
     """
-    layers = {grid: attention_layer(grid, device) for grid in grids}
-    forwards = {grid: (lambda kind, grid=grid: attention_forward(layers[grid][0], kind, grid, *layers[grid][1]))
-                for grid in grids}
-    estimates = sdpa_estimates(grids, forwards, device)
     fns: dict[str, Callable[[], Any]] = {}
     for grid in grids:
-        fns[f"quadtree {grid}"] = lambda grid=grid: forwards[grid]("quadtree")
+        layer, inputs = attention_layer(grid, device)
+        fns[f"quadtree {grid}"] = functools.partial(attention_forward, layer, "quadtree", grid, *inputs)
+        sdpa = functools.partial(attention_forward, layer, "sdpa", grid, *inputs)
+        if grid == grids[0]:
+            estimates = sdpa_estimates(grids, sdpa, device)
         if estimates[grid] * (repeats + 1) <= sdpa_budget_s:
-            fns[f"sdpa {grid}"] = lambda grid=grid: forwards[grid]("sdpa")
+            fns[f"sdpa {grid}"] = sdpa
     times = median_times(fns, repeats, device)
     rows = []
     for grid in grids:
@@ -796,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     device, quick = args.device, args.quick
     repeats = args.repeats or (1 if quick else 3)
+    target_repeats = repeats if quick or args.repeats else 5  # sections whose ratios are targets: more runs against noise
     sections = set(args.sections.split(","))
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -811,8 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_hw = (96, 128) if quick else (480, 640)
     if "e2e" in sections:
         print("end to end ...", flush=True)
-        e2e_repeats = repeats if quick or args.repeats else 5  # the headline ratio: more runs against noise
-        results["e2e"] = section_e2e(e2e_hw, device, e2e_repeats, with_kornia=True, autocast=bf16)
+        results["e2e"] = section_e2e(e2e_hw, device, target_repeats, with_kornia=True, autocast=bf16)
     autocasts = [bf16] if bf16 is not None else []
     if cuda:
         autocasts.append(torch.float16)
@@ -822,8 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in sections:
         print("attention ...", flush=True)
         grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
-        attention_repeats = repeats if quick or args.repeats else 5  # growth ratios are targets too
-        results["attention"] = section_attention(grids, device, threads, attention_repeats, sdpa_budget_s=30 if quick else 300,
+        results["attention"] = section_attention(grids, device, threads, target_repeats, sdpa_budget_s=30 if quick else 300,
                                                   reuse_memory=reuse_memory)
     if "matching" in sections:
         print("coarse matching ...", flush=True)

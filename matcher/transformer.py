@@ -12,6 +12,7 @@ from torch import nn
 
 from . import onednn
 from .attention import full_attention, linear_attention, pool_levels, quadtree_attention
+from .chunking import cpu_inference
 from .conv_triton import relu_dwconv_gelu
 from .triton_support import check_kernel_choice, kernel_device, use_kernel
 
@@ -30,6 +31,14 @@ def _channels_last_grid(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def _grid_heads(x: torch.Tensor, nhead: int) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B, nhead, h, w, C / nhead)`` (a view for channels-last input)."""
     return x.permute(0, 2, 3, 1).unflatten(-1, (nhead, -1)).permute(0, 3, 1, 2, 4)
+
+
+def _zero_padded_tokens_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Contiguous tokens ``x (B, N, C)`` with the padded ones (``mask (B, N)`` False) set to zero in place: one
+    write per padded token instead of a pass over the whole map (on a 200x152 grid with two padded rows, 20-50 ms
+    per call for the MLP's hidden map on an AMD EPYC against 0.2 ms)."""
+    x.view(-1, x.shape[-1]).index_fill_(0, (~mask).flatten().nonzero().squeeze(1), 0)
+    return x
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +112,8 @@ class QuadtreeMLP(nn.Module):
             conv = self.dwconv.dwconv
             return self.fc2(relu_dwconv_gelu(self.fc1(x), hw, conv.weight, conv.bias, mask))
         hidden = onednn.linear(x, self.fc1.weight, self.fc1.bias, "relu")
+        if mask is not None and hidden.is_contiguous() and cpu_inference(hidden, *self.parameters()):
+            hidden, mask = _zero_padded_tokens_(hidden, mask), None  # our own map, outside autograd and tracing
         return onednn.linear(self.dwconv(hidden, hw, mask, "gelu"), self.fc2.weight, self.fc2.bias)
 
     def _use_fused_kernel(self, x: torch.Tensor) -> bool:

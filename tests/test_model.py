@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kornia.feature import LoFTR as KorniaLoFTR
 
 from matcher import Matcher, load_config
@@ -333,3 +334,31 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags(monkeypatch):
         pytest.skip("no CPU flags in /proc/cpuinfo")
     monkeypatch.undo()  # the real detection
     assert model_module.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_quadtree_mlp_zeroes_padded_tokens_in_place_in_inference(monkeypatch):
+    """CPU inference zeroes the padded tokens of the MLP's own hidden map in place; the result equals the
+    out-of-place multiply taken under autograd and an explicit computation, for an irregular mask."""
+    from matcher import transformer
+
+    torch.manual_seed(0)
+    hw, dim = (6, 8), 16
+    mlp = transformer.QuadtreeMLP(dim, 4 * dim, kernel="torch").eval()
+    x = torch.randn(2, hw[0] * hw[1], dim)
+    mask = torch.rand(2, hw[0] * hw[1]) > 0.3
+    mask[1] = True  # one image without padding
+
+    hidden = torch.relu(mlp.fc1(x)) * mask[..., None]
+    grid = hidden.unflatten(1, hw).permute(0, 3, 1, 2)
+    conv = mlp.dwconv.dwconv
+    expected = mlp.fc2(F.gelu(F.conv2d(grid, conv.weight, conv.bias, padding=1, groups=conv.groups)).flatten(2).transpose(1, 2))
+
+    calls = []
+    zero_in_place = transformer._zero_padded_tokens_
+    monkeypatch.setattr(transformer, "_zero_padded_tokens_", lambda *a: calls.append(1) or zero_in_place(*a))
+    with torch.inference_mode():
+        fast = mlp(x, hw, mask)
+    slow = mlp(x.requires_grad_(), hw, mask)
+    assert calls == [1]  # only the inference call took the in-place path
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slow.detach(), expected, atol=1e-5, rtol=1e-5)

@@ -105,7 +105,8 @@ def estimate_pose(
     Returns:
         ``(R (3, 3), t (3,) unit vector, inliers (N,) bool)`` with ``X1 = R X0 + t``, or None on failure:
         fewer than 5 finite matches, no essential matrix, or no candidate with a positive inlier count.
-        Rows with NaN / inf coordinates are never inliers.
+        OpenCV's inliers are the RANSAC inliers that passed the winning candidate's cheirality check (as
+        LoFTR returns them). Rows with NaN / inf coordinates are never inliers.
     Raises:
         ValueError: keypoints not ``(N, 2)`` or of different lengths, or an unknown ``method``.
         ImportError: ``method="poselib"`` without poselib installed.
@@ -147,16 +148,17 @@ def _estimate_pose_opencv(
         return None
     if E is None or mask is None or E.shape[0] < 3 or E.shape[0] % 3 != 0:
         return None
-    ransac_inliers = mask.ravel() > 0
     best, best_count = None, 0
     for candidate in np.split(E, E.shape[0] // 3):
-        # recoverPose writes the cheirality result into the mask it is given: hand it a copy each time so
-        # every candidate is judged on the same RANSAC inliers. This is the overload LoFTR's call resolves
-        # to (its extra positional 1e9 lands in the R output slot, so OpenCV's default far-point cut-off
-        # of 50 baselines applies).
-        count, R, t, _ = cv2.recoverPose(candidate, norm0, norm1, np.eye(3), mask=mask.copy())
+        # As LoFTR's code: recoverPose writes its cheirality result into the mask it is given, and the same
+        # mask goes to every candidate, so a later candidate is judged on the points that passed the earlier
+        # ones' check; the inliers returned are the mask right after the winning call. (Only a 5-point
+        # RANSAC gives several candidates.) This is the overload LoFTR's call resolves to (its extra
+        # positional 1e9 lands in the R output slot, so OpenCV's default far-point cut-off of 50 baselines
+        # applies).
+        count, R, t, _ = cv2.recoverPose(candidate, norm0, norm1, np.eye(3), mask=mask)
         if count > best_count and np.isfinite(R).all() and np.isfinite(t).all():
-            best, best_count = (R, t.ravel(), ransac_inliers), count
+            best, best_count = (R, t.ravel(), mask.ravel() > 0), count
     return best
 
 

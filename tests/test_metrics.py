@@ -142,6 +142,45 @@ def test_estimate_pose_threshold_is_scaled_by_the_mean_focal() -> None:
     assert tight < 150 and loose > 190
 
 
+def _loftr_estimate_pose(kpts0, kpts1, K0, K1, thresh, conf=0.99999):
+    """LoFTR's estimate_pose (src/utils/metrics.py) as published, written out here as the reference."""
+    kpts0 = (kpts0 - K0[[0, 1], [2, 2]][None]) / K0[[0, 1], [0, 1]][None]
+    kpts1 = (kpts1 - K1[[0, 1], [2, 2]][None]) / K1[[0, 1], [0, 1]][None]
+    ransac_thr = thresh / np.mean([K0[0, 0], K1[1, 1], K0[0, 0], K1[1, 1]])
+    E, mask = cv2.findEssentialMat(kpts0, kpts1, np.eye(3), threshold=ransac_thr, prob=conf, method=cv2.RANSAC)
+    best, ret = 0, None
+    for E_candidate in np.split(E, len(E) / 3):
+        n, R, t, _ = cv2.recoverPose(E_candidate, kpts0, kpts1, np.eye(3), 1e9, mask=mask)
+        if n > best:
+            ret, best = (R, t[:, 0], mask.ravel() > 0), n
+    return ret, len(E) // 3
+
+
+def test_estimate_pose_follows_loftr_with_several_essential_candidates() -> None:
+    """Noisy 5-point sets give several candidate E; LoFTR hands one mask, overwritten by each recoverPose, to
+    all of them. Same poses and inliers as LoFTR's code, including trials where that sharing changes the pick.
+    Focal lengths and principal point are powers of two (times small integers), so that LoFTR's (x - c) / f and
+    our K^-1 give bit-identical normalised points."""
+    K2 = np.array([[512.0, 0.0, 320.0], [0.0, 512.0, 256.0], [0.0, 0.0, 1.0]])
+    rng = np.random.default_rng(7)
+    multi = 0
+    for trial in range(60):
+        p0, p1 = two_view(rot_y(rng.uniform(-15, 15)), rng.normal(size=3), n=int(rng.integers(5, 9)), seed=trial)
+        p1 = p1 + rng.normal(0.0, 2.0, p1.shape)
+        cv2.setRNGSeed(trial)
+        reference, candidates = _loftr_estimate_pose(p0, p1, K2, K2, 0.5)
+        cv2.setRNGSeed(trial)
+        ours = estimate_pose(p0, p1, K2, K2, thresh_px=0.5)
+        multi += candidates > 1
+        if reference is None:
+            assert ours is None
+            continue
+        np.testing.assert_array_equal(ours[0], reference[0])
+        np.testing.assert_array_equal(ours[1], reference[1])
+        np.testing.assert_array_equal(ours[2], reference[2])
+    assert multi >= 5
+
+
 def test_estimate_pose_failures() -> None:
     p0, p1 = two_view(rot_y(10.0), np.array([1.0, 0.0, 0.2]), n=20)
     assert estimate_pose(p0[:4], p1[:4], K, K) is None  # fewer than 5 matches

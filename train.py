@@ -181,8 +181,7 @@ def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
         AtomicCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_train_steps=t.checkpoint_every_n_steps,
                         save_top_k=1, save_last=False, enable_version_counter=False),
     ]
-    sync_bn = t.sync_batchnorm if t.sync_batchnorm != "auto" else (str(t.strategy).startswith("ddp"))
-    return pl.Trainer(
+    options = dict(
         default_root_dir=run_dir, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=t.strategy, precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
@@ -191,10 +190,16 @@ def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
         # epoch and refuses an interval longer than one); a float is a share of each epoch
         check_val_every_n_epoch=None if isinstance(t.val_check_interval, int) else 1,
         limit_val_batches=t.limit_val_batches, num_sanity_val_steps=t.num_sanity_val_steps,
-        sync_batchnorm=bool(sync_bn), use_distributed_sampler=False,  # the data module splits per rank
+        use_distributed_sampler=False,  # the data module splits per rank
         logger=CSVLogger(run_dir, name="logs", version=""), enable_progress_bar=True,
         callbacks=[ValidateAtEnd(), *checkpoints, LearningRateMonitor(), TQDMProgressBar(refresh_rate=1)],
     )
+    if t.sync_batchnorm != "auto":
+        return pl.Trainer(**options, sync_batchnorm=bool(t.sync_batchnorm))
+    # auto: on when Lightning's resolved strategy runs several processes (strategy "auto" on several devices
+    # picks DDP), known only once the trainer is built
+    trainer = pl.Trainer(**options, sync_batchnorm=False)
+    return pl.Trainer(**options, sync_batchnorm=True) if trainer.world_size > 1 else trainer
 
 
 def main(argv: list[str] | None = None) -> int:

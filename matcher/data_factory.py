@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, Dataset
 
 #: Size of the virtual index space of procedural training data (scenes are generated per index).
 VIRTUAL_TRAIN_SCENES = 10_000_000
+
+#: Seed of the shuffle that deals scene files to DDP ranks (the same on every rank).
+SCENE_SPLIT_SEED = 0
 
 
 def _scene_files(folder: str | Path, suffix: str = ".npz", list_file: str | Path | None = None) -> list[Path]:
@@ -35,20 +39,39 @@ def _scene_files(folder: str | Path, suffix: str = ".npz", list_file: str | Path
     return files
 
 
+def rank_scenes(files: list[Path], rank: int, world: int, seed: int = SCENE_SPLIT_SEED) -> list[Path]:
+    """This rank's share of the scene index files.
+
+    With several ranks the files are shuffled with ``seed`` and padded to a multiple of ``world`` with randomly
+    repeated files (as LoFTR does), then dealt round-robin: every rank gets the same number of scenes, so every
+    rank takes the same number of steps per epoch (under DDP each step waits for all ranks' gradients, and a
+    rank with more steps would hang at the end of the epoch).
+    """
+    if world <= 1:
+        return list(files)
+    rng = np.random.default_rng(seed)
+    order = [files[i] for i in rng.permutation(len(files))]
+    order += [files[i] for i in rng.choice(len(files), -len(files) % world)]
+    return order[rank::world]
+
+
 def _grouped(datasets: list[Dataset]) -> tuple[ConcatDataset, list[list[int]]]:
-    """Concatenate per-scene datasets; the index groups let the sampler draw per scene."""
+    """Concatenate per-scene datasets; the index groups (one per scene, empty for a scene without pairs) let
+    the sampler draw per scene."""
     groups, start = [], 0
     for ds in datasets:
         groups.append(list(range(start, start + len(ds))))
         start += len(ds)
-    return ConcatDataset(datasets), [g for g in groups if g]
+    return ConcatDataset(datasets), groups
 
 
 def build_datasets(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[Dataset, list, int, Dataset]:
     """Returns ``(train_set, index_groups, samples_per_group, val_set)``.
 
     Every rank draws ``samples_per_group`` pairs per group and epoch: for scene datasets the groups are the
-    rank's own scenes (scenes split round-robin over ranks), for procedural data one disjoint index range.
+    rank's own scenes (:func:`rank_scenes`: the same number on every rank; a scene without pairs is an empty
+    group, whose draw the sampler takes from the rank's other scenes), for procedural data one disjoint index
+    range.
     """
     name = cfg.name
     if name == "synthetic":
@@ -82,7 +105,7 @@ def build_datasets(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[Data
 
         size = tuple(cfg.image_size)
         k_size = tuple(cfg.get("intrinsics_size", (480, 640)))
-        files = _scene_files(cfg.train_index_dir, list_file=cfg.get("train_list"))[rank::world]
+        files = rank_scenes(_scene_files(cfg.train_index_dir, list_file=cfg.get("train_list")), rank, world)
         scenes = [
             ScanNetDataset(Path(cfg.root) / "train", f, cfg.train_intrinsics, "train", cfg.min_overlap_score, size, intrinsics_size=k_size)
             for f in files
@@ -97,7 +120,7 @@ def build_datasets(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[Data
         options = dict(
             df=cfg.get("df", 8), img_padding=bool(cfg.get("img_padding", True)), depth_padding=cfg.get("depth_padding", 2000),
         )
-        files = _scene_files(cfg.train_index_dir, list_file=cfg.get("train_list"))[rank::world]
+        files = rank_scenes(_scene_files(cfg.train_index_dir, list_file=cfg.get("train_list")), rank, world)
         scenes = [
             MegaDepthDataset(
                 cfg.root, f, "train", cfg.min_overlap_score, cfg.img_resize, max_overlap_score=float(cfg.get("max_overlap_score", 1.0)), **options

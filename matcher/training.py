@@ -344,10 +344,14 @@ class MatcherModule(pl.LightningModule):
 
 # ----------------------------------------------------------------------------------------------- data
 class EpochSubsetSampler(Sampler[int]):
-    """Draws ``num_samples`` indices per epoch from ``indices`` (without replacement where possible),
-    reseeded every epoch: fresh synthetic scenes / a new per-scene sample each epoch."""
+    """Draws ``samples_per_group`` indices per group and epoch (without replacement where possible),
+    reseeded every epoch: fresh synthetic scenes / a new per-scene sample each epoch. An empty group (a scene
+    without pairs) takes its draw from a random non-empty group, so the epoch length is the same on every DDP
+    rank however many of its scenes are empty."""
 
     def __init__(self, groups: list[list[int]], samples_per_group: int, seed: int = 0) -> None:
+        if groups and not any(len(g) for g in groups):
+            raise ValueError(f"none of the {len(groups)} groups (scenes) has a sample to draw")
         self.groups, self.samples_per_group, self.seed, self.epoch = groups, samples_per_group, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -359,7 +363,10 @@ class EpochSubsetSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
         picked = []
+        drawable = [g for g in self.groups if len(g)]
         for group in self.groups:
+            if not len(group):
+                group = drawable[rng.integers(len(drawable))]
             if isinstance(group, range) and len(group) > 100 * self.samples_per_group:
                 # a huge virtual range (procedural scenes): collisions are negligible, skip the permutation
                 picked.extend((group.start + rng.integers(0, len(group), self.samples_per_group)).tolist())
@@ -389,6 +396,10 @@ class MatcherDataModule(pl.LightningDataModule):
         except (FileNotFoundError, ValueError) as err:
             hint = " (where each file goes: datasets/README.md)" if self.data_cfg.get("name") in ("scannet", "megadepth") else ""
             raise DataError(f"data {self.data_cfg.get('name')!r}: {one_line(err)}{hint}") from err
+        if groups and not any(len(g) for g in groups):
+            where = f"rank {rank}'s {len(groups)} of the" if world > 1 else f"the {len(groups)}"
+            raise DataError(f"data {self.data_cfg.get('name')!r}: none of {where} training scenes has a pair "
+                            f"(min_overlap_score {self.data_cfg.get('min_overlap_score')}; train_list to leave empty scenes out)")
         self.train_groups = groups
 
     def batches_per_epoch(self) -> int:

@@ -29,7 +29,8 @@ from matcher.data.common import CorruptDataWarning, CorruptFileError
 from matcher.data.homography import HomographyDataset
 from matcher.data.megadepth import MegaDepthDataset, load_scene_info, resized_size
 from matcher.data.scannet import ScanNetDataset
-from matcher.data_factory import VIRTUAL_TRAIN_SCENES, build_datasets
+from matcher.data_factory import VIRTUAL_TRAIN_SCENES, build_datasets, rank_scenes
+from matcher.training import DataError, MatcherDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "data"
@@ -582,9 +583,16 @@ def test_build_scannet_datasets_and_train_list(scannet: dict[str, Path], tmp_pat
     assert len(val) == len(TEST_NAMES) and val.mode == "val" and not val.load_depth
     assert train[4]["scene_id"] == "scene0001_00" and train[0]["image0"].shape == (1, 240, 320)
     assert val[0]["T_0to1"].shape == (4, 4)
-    # distributed: scenes split round-robin over ranks
-    _, groups1, _, _ = build_datasets(data_config("scannet", **scannet_overrides(scannet)), rank=1, world=2)
-    assert groups1 == [[0]]
+    # distributed: every rank gets the same number of scenes (3 ranks: the 2 scenes plus one repeated)
+    cfg = data_config("scannet", **scannet_overrides(scannet))
+    shares = [build_datasets(cfg, rank=r, world=3) for r in range(3)]
+    assert [len(g) for _, g, _, _ in shares] == [1, 1, 1]
+    assert {t[0]["scene_id"] for t, _, _, _ in shares} == {"scene0000_00", "scene0001_00"}
+    # a scene left without pairs stays a group (empty), so the epoch length does not depend on it
+    _, groups, _, _ = build_datasets(data_config("scannet", **{**scannet_overrides(scannet), "min_overlap_score": 0.85}))
+    assert [len(g) for g in groups] == [1, 0]  # scores 0.9 | 0.8
+    with pytest.raises(DataError, match="none of the 2 training scenes has a pair"):
+        MatcherDataModule(data_config("scannet", **{**scannet_overrides(scannet), "min_overlap_score": 1.0}), 1, 0, 0).setup()
     listed = tmp_path / "scannet_all.txt"
     listed.write_text("# LoFTR-style scene list\nscene0001_00\n")
     train, groups, _, _ = build_datasets(data_config("scannet", **scannet_overrides(scannet), train_list=str(listed)))
@@ -596,6 +604,16 @@ def test_build_scannet_datasets_and_train_list(scannet: dict[str, Path], tmp_pat
         build_datasets(data_config("scannet", **scannet_overrides(scannet), train_list=str(tmp_path / "absent_list.txt")))
     with pytest.raises(FileNotFoundError, match="no_index"):
         build_datasets(data_config("scannet", **{**scannet_overrides(scannet), "train_index_dir": str(tmp_path / "no_index")}))
+
+
+def test_rank_scenes_deals_every_rank_the_same_number_of_scenes() -> None:
+    files = [Path(f"scene{i}.npz") for i in range(5)]
+    assert rank_scenes(files, 0, 1) == files
+    for world in (2, 3, 4, 8):
+        shares = [rank_scenes(files, rank, world) for rank in range(world)]
+        assert {len(share) for share in shares} == {-(-5 // world)}
+        assert set().union(*shares) == set(files)  # every scene trained on, the padding repeats some
+        assert shares == [rank_scenes(files, rank, world) for rank in range(world)]  # the same deal on every rank
 
 
 def test_build_megadepth_datasets(megadepth: dict[str, Path], tmp_path: Path) -> None:

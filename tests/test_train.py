@@ -14,11 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def train_main():
+def train_script():
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_main(train_script):
+    return train_script.main
 
 
 def _args(run_dir: Path, *extra: str) -> list[str]:
@@ -144,3 +149,23 @@ def test_config_and_data_errors_are_one_line(train_main, tmp_path, capsys, extra
     assert err[-1].startswith(f"error: {expected}"), err[-1]
     assert not any("Traceback" in line for line in err)
     assert not (run / "config.yaml").exists()  # a run that cannot start leaves no config behind
+
+
+@pytest.mark.parametrize("devices, strategy, setting, synced", [
+    (2, "auto", "auto", True),   # Lightning picks DDP for several devices
+    (2, "ddp", "auto", True),
+    (1, "auto", "auto", False),
+    (1, "ddp", "auto", False),   # one process: nothing to synchronise
+    (2, "auto", False, False),
+    (2, "ddp", True, True),
+])
+def test_sync_batchnorm_auto_follows_the_resolved_strategy(train_script, tmp_path, devices, strategy, setting, synced):
+    from pytorch_lightning.plugins import TorchSyncBatchNorm  # what Trainer(sync_batchnorm=True) installs
+
+    from matcher.training import load_train_config
+
+    cfg = load_train_config(None, ["trainer.accelerator=cpu", f"trainer.devices={devices}",
+                                   f"trainer.strategy={strategy}", f"trainer.sync_batchnorm={setting}"])
+    trainer = train_script.build_trainer(cfg, tmp_path)
+    assert trainer.world_size == devices
+    assert isinstance(getattr(trainer.strategy, "_layer_sync", None), TorchSyncBatchNorm) == synced

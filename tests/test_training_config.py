@@ -54,6 +54,16 @@ def test_epoch_sampler_draws_per_group_and_changes_with_epoch():
     assert all(100 <= i < 10_000_100 for i in huge)
 
 
+def test_epoch_sampler_fills_empty_groups_from_the_others():
+    """A scene without pairs keeps its share of the epoch (equal epoch lengths on every DDP rank)."""
+    sampler = EpochSubsetSampler([list(range(0, 6)), [], [6]], samples_per_group=3, seed=2)
+    drawn = list(sampler)
+    assert len(drawn) == len(sampler) == 9 and set(drawn) <= set(range(7))
+    assert sum(i < 6 for i in drawn) in (3, 6) and drawn.count(6) in (3, 6)  # the empty group's 3 from one group
+    with pytest.raises(ValueError, match="none of the 2 groups"):
+        EpochSubsetSampler([[], []], samples_per_group=3)
+
+
 def _planned_warmup(cfg, world: int = 1, steps_per_epoch: int | None = None) -> int:
     total_batch = cfg.batch_size * world
     _, warmup = scaled_lr_and_warmup(cfg.optim, total_batch)

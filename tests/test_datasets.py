@@ -197,6 +197,25 @@ def test_scannet_sample_contract_geometry_and_resize(scannet: dict[str, Path]) -
     np.testing.assert_allclose(odd["scale0"].numpy(), [2.0, 4.0])
 
 
+def test_scannet_intrinsics_file_is_read_once_per_version(scannet: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """One dataset per scene shares one read of the intrinsics npz; a rewritten file is read again."""
+    import matcher.data.scannet as scannet_module
+
+    reads = []
+    load = scannet_module.load_npz_arrays
+    intrinsics = tmp_path / "intrinsics.npz"
+    counted = lambda path, *a, **k: (Path(path).name == intrinsics.name and reads.append(path)) or load(path, *a, **k)  # noqa: E731
+    monkeypatch.setattr(scannet_module, "load_npz_arrays", counted)
+    np.savez(intrinsics, scene0000_00=K_SCANNET, scene0001_00=K_OTHER_SCENE)
+    scenes = [ScanNetDataset(scannet["train"], scannet["index_dir"] / f"scene000{i}_00.npz", intrinsics, "val") for i in (0, 1)]
+    assert len(reads) == 1
+    np.testing.assert_allclose(scenes[1][0]["K0"].numpy(), K_OTHER_SCENE)
+    np.savez(intrinsics, scene0000_00=K_SCANNET, scene0001_00=2 * K_OTHER_SCENE, extra=np.eye(3))
+    rebuilt = ScanNetDataset(scannet["train"], scannet["index_dir"] / "scene0001_00.npz", intrinsics, "val")
+    assert len(reads) == 2
+    np.testing.assert_allclose(rebuilt[0]["K0"].numpy(), 2 * K_OTHER_SCENE)
+
+
 def test_scannet_invalid_pose_gives_nan_and_test_mode_skips_depth(scannet: dict[str, Path]) -> None:
     ds = scannet_train(scannet)
     assert torch.isnan(ds[2]["T_0to1"]).all()  # pair (30, 45): frame 45 has an -inf pose

@@ -6,8 +6,8 @@ Examples:
         --intrinsics datasets/scannet/index/scene_data/test/intrinsics.npz \\
         --matcher indoor.ckpt --config quadtree_b_indoor
     python eval/pose.py --dataset megadepth --data-root datasets/megadepth \\
-        --scene-info datasets/megadepth/index/scene_info_val_1500 --img-resize 840 \\
-        --matcher outdoor.ckpt --config quadtree_b_outdoor
+        --scene-info datasets/megadepth/index/scene_info_val_1500 --img-resize 832 \\
+        --matcher outdoor.ckpt --config quadtree_b_outdoor   # QuadTree's test size (LoFTR's: 840, the default)
     python eval/pose.py --dataset synthetic --max-pairs 50 --matcher lite
     python eval/pose.py --dataset pairs --data-root images/ --pairs-file pairs_with_gt.txt
 
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--npz", default=None, help="ScanNet: test index npz (default DATA_ROOT/test.npz)")
     parser.add_argument("--intrinsics", default=None, help="ScanNet: intrinsics npz (default DATA_ROOT/intrinsics.npz)")
     parser.add_argument("--scene-info", nargs="+", default=None, help="MegaDepth: scene-info .npz files or folders")
-    parser.add_argument("--img-resize", type=int, default=840, help="MegaDepth: long side of the test images")
+    parser.add_argument("--img-resize", type=int, default=840, help="MegaDepth: long side of the test images (LoFTR: 840; LoFTR-QuadTree: 832)")
     parser.add_argument("--pairs-file", default=None, help="pairs: SuperGlue-style pairs-with-ground-truth file")
     parser.add_argument("--image-size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"), help="synthetic: image size")
     parser.add_argument("--synthetic-pairs", type=int, default=100, help="synthetic: number of pairs (or --max-pairs)")

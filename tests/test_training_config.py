@@ -120,3 +120,28 @@ def test_validation_runs_float32_features_where_auto_would_pick_bf16():
     assert module.hparams["config"]["model_config"]["inference"]["feature_dtype"] == "auto"
     model_config["inference"]["feature_dtype"] = "bfloat16"
     assert MatcherModule({"model_config": model_config}).matcher.eval().feature_dtype() == "bfloat16"
+
+
+@pytest.mark.parametrize("recipe, model, data, published", [
+    # Tangshitao/QuadTreeAttention configs/loftr/{indoor,outdoor}/loftr_ds_quadtree.py over src/config/default.py
+    ("scannet_quadtree", "quadtree_b_indoor", "scannet",
+     dict(canonical_lr=6e-3, canonical_bs=64, weight_decay=0.1, warmup_steps=4800, warmup_ratio=0.0,
+          milestones=[3, 6, 9, 12, 17, 20, 23, 26, 29], gamma=0.5, train_coarse_percent=0.2, topks=[32, 16, 16])),
+    ("megadepth_quadtree", "quadtree_b_outdoor", "megadepth",
+     dict(canonical_lr=8e-3, canonical_bs=64, weight_decay=0.1, warmup_steps=1875, warmup_ratio=0.1,
+          milestones=[8, 12, 16, 20, 24], gamma=0.5, train_coarse_percent=0.3, topks=[16, 8, 8])),
+])
+def test_published_quadtree_recipes(recipe, model, data, published):
+    from matcher.training import build_model_config
+
+    cfg = load_train_config(recipe)
+    model_cfg = build_model_config(cfg)
+    got = {k: cfg.optim[k] for k in ("canonical_lr", "canonical_bs", "weight_decay", "warmup_steps", "warmup_ratio", "gamma")}
+    got.update(milestones=list(cfg.optim.milestones), train_coarse_percent=model_cfg.match_coarse.train_coarse_percent,
+               topks=list(model_cfg.coarse.topks))
+    assert got == pytest.approx(published)
+    assert cfg.model == model and cfg.data.name == data and cfg.trainer.max_epochs == 30
+    assert cfg.trainer.gradient_clip_val == 0.5 and not cfg.loss.sparse  # dense supervision, clip 0.5 (both)
+    # the defaults hold the indoor optimisation recipe; the shipped lite weights keep their own warm-up start
+    assert load_train_config(None).optim == load_train_config("scannet_quadtree").optim
+    assert load_train_config("lite_synthetic").optim.warmup_ratio == 0.1

@@ -194,12 +194,22 @@ def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
         logger=CSVLogger(run_dir, name="logs", version=""), enable_progress_bar=True,
         callbacks=[ValidateAtEnd(), *checkpoints, LearningRateMonitor(), TQDMProgressBar(refresh_rate=1)],
     )
-    if t.sync_batchnorm != "auto":
-        return pl.Trainer(**options, sync_batchnorm=bool(t.sync_batchnorm))
-    # auto: on when Lightning's resolved strategy runs several processes (strategy "auto" on several devices
-    # picks DDP), known only once the trainer is built
+    # Lightning's resolved strategy (strategy "auto" on several devices is DDP) is known once the trainer is built
     trainer = pl.Trainer(**options, sync_batchnorm=False)
-    return pl.Trainer(**options, sync_batchnorm=True) if trainer.world_size > 1 else trainer
+    if sync_batchnorm(t.sync_batchnorm, trainer.world_size, trainer.strategy.root_device.type):
+        return pl.Trainer(**options, sync_batchnorm=True)
+    return trainer
+
+
+def sync_batchnorm(setting: bool | str, world_size: int, device_type: str) -> bool:
+    """Whether batch norm is synchronised across processes: ``auto`` when several processes run on CUDA
+    devices (torch's SyncBatchNorm has no CPU version); ``true`` on CPU processes is a ConfigError."""
+    on_gpus = world_size > 1 and device_type == "cuda"
+    if setting == "auto":
+        return on_gpus
+    if setting and world_size > 1 and not on_gpus:
+        raise ConfigError("trainer.sync_batchnorm: true needs CUDA devices (torch's SyncBatchNorm); use auto or false")
+    return bool(setting)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,21 +151,26 @@ def test_config_and_data_errors_are_one_line(train_main, tmp_path, capsys, extra
     assert not (run / "config.yaml").exists()  # a run that cannot start leaves no config behind
 
 
-@pytest.mark.parametrize("devices, strategy, setting, synced", [
-    (2, "auto", "auto", True),   # Lightning picks DDP for several devices
-    (2, "ddp", "auto", True),
-    (1, "auto", "auto", False),
-    (1, "ddp", "auto", False),   # one process: nothing to synchronise
-    (2, "auto", False, False),
-    (2, "ddp", True, True),
+@pytest.mark.parametrize("setting, world, device, synced", [
+    ("auto", 2, "cuda", True),   # several processes on GPUs (strategy auto on several GPUs is DDP)
+    ("auto", 1, "cuda", False),  # one process: nothing to synchronise
+    ("auto", 2, "cpu", False),   # torch's SyncBatchNorm has no CPU version
+    (True, 2, "cuda", True),
+    (True, 1, "cpu", True),      # a no-op for Lightning with one process
+    (False, 8, "cuda", False),
 ])
-def test_sync_batchnorm_auto_follows_the_resolved_strategy(train_script, tmp_path, devices, strategy, setting, synced):
-    from pytorch_lightning.plugins import TorchSyncBatchNorm  # what Trainer(sync_batchnorm=True) installs
+def test_sync_batchnorm_setting(train_script, setting, world, device, synced):
+    assert train_script.sync_batchnorm(setting, world, device) == synced
 
-    from matcher.training import load_train_config
 
-    cfg = load_train_config(None, ["trainer.accelerator=cpu", f"trainer.devices={devices}",
-                                   f"trainer.strategy={strategy}", f"trainer.sync_batchnorm={setting}"])
-    trainer = train_script.build_trainer(cfg, tmp_path)
-    assert trainer.world_size == devices
-    assert isinstance(getattr(trainer.strategy, "_layer_sync", None), TorchSyncBatchNorm) == synced
+def test_sync_batchnorm_follows_the_resolved_strategy(train_script, tmp_path):
+    """Strategy auto on two CPU devices resolves to DDP with two processes: auto leaves batch norm alone there
+    (as it must: torch's SyncBatchNorm refuses CPU modules), true is one config error."""
+    from matcher.training import ConfigError, load_train_config
+
+    overrides = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=auto"]
+    trainer = train_script.build_trainer(load_train_config(None, overrides), tmp_path)
+    assert trainer.world_size == 2 and trainer.strategy.root_device.type == "cpu"
+    assert getattr(trainer.strategy, "_layer_sync", None) is None
+    with pytest.raises(ConfigError, match="needs CUDA devices"):
+        train_script.build_trainer(load_train_config(None, [*overrides, "trainer.sync_batchnorm=true"]), tmp_path)

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.image0 is not None:
             p.error(f"give two images (IMAGE0 IMAGE1), or none for the sample pair; got only {args.image0}")
         args.image0, args.image1 = str(ASSETS / "pair_a.png"), str(ASSETS / "pair_b.png")
-    if args.truth is None and Path(args.image0) == ASSETS / "pair_a.png" and Path(args.image1) == ASSETS / "pair_b.png":
+    sample = (ASSETS / "pair_a.png").resolve(), (ASSETS / "pair_b.png").resolve()
+    if args.truth is None and (Path(args.image0).resolve(), Path(args.image1).resolve()) == sample:
         args.truth = str(ASSETS / "pair_truth.npz")
     try:
         model, which = matcher_with_description(args.weights, args.config)
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} matches in {elapsed:.2f} s on {args.device} (backbone + coarse transformer in {model.feature_dtype()}) "
           f"with {which}")
     title = f"{n} matches, {elapsed:.2f} s ({which.split(':')[0]})"
-    if correct is not None:
-        share = float(correct.mean()) if n else float("nan")
+    if correct is not None and n:
+        share = float(correct.mean())
         print(f"epipolar precision (LoFTR's criterion: squared symmetric epipolar distance < 5e-4): "
               f"{100 * share:.1f}% of {n} matches correct")
         title += f", {100 * share:.0f}% correct"

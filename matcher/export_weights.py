@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .weights import export_safetensors
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = export_safetensors(args.checkpoint, args.out, args.config, half=not args.fp32)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB) and {Path(args.out).with_suffix('.yaml')}")
     return 0

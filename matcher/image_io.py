@@ -34,7 +34,7 @@ def _unit_range(img: np.ndarray, name: str) -> np.ndarray:
         return img.astype(np.float32) / 255.0
     if img.dtype == np.uint16:
         return img.astype(np.float32) / 65535.0
-    if img.dtype == np.bool_ or not np.issubdtype(img.dtype, np.number):
+    if img.dtype == np.bool_ or not np.issubdtype(img.dtype, np.number) or np.issubdtype(img.dtype, np.complexfloating):
         raise ValueError(f"{name}: unsupported dtype {img.dtype}")
     if not np.issubdtype(img.dtype, np.floating):  # int8/16/32/64, uint32...: no agreed value range
         raise ValueError(f"{name}: unsupported integer dtype {img.dtype}; give uint8 (0-255), uint16 (0-65535) "

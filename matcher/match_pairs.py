@@ -93,11 +93,15 @@ def pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num0: i
 
 
 def _check_fingerprint(file: h5py.File, fingerprint: str, overwrite: bool) -> None:
+    """Start an empty (or, with ``overwrite``, emptied) file; refuse one written with other settings or by
+    another tool (an existing hloc matches file is never wiped without ``--overwrite``)."""
     stored = file.attrs.get("matcher_fingerprint")
-    if stored is None or overwrite:
+    if overwrite or (stored is None and not len(file.keys())):
         for key in list(file.keys()):
             del file[key]
         file.attrs["matcher_fingerprint"] = fingerprint
+    elif stored is None:
+        raise ValueError(f"{file.filename} holds data this tool did not write; use --overwrite to replace it or another --out")
     elif stored != fingerprint:
         raise ValueError(
             f"{file.filename} was written by a different matcher or settings; use --overwrite to start again "
@@ -133,8 +137,29 @@ def match_all(matcher: Any, pairs: Sequence[tuple[str, str]], image_dir: Path, o
     return failures
 
 
+def drop_unlisted_matches(pairs: Sequence[tuple[str, str]], out: h5py.File) -> int:
+    """Remove ``matches0`` / ``matching_scores0`` of pairs matched by an earlier run but not in ``pairs``: they
+    index that run's keypoints file, which this run replaces (their raw matches stay, so listing them again
+    restores them). Returns how many pairs lost them."""
+    listed = {names_to_pair(*p) for p in pairs}
+    dropped = 0
+    for key0, first in out.items():
+        for key1, group in first.items() if isinstance(first, h5py.Group) else ():
+            if f"{key0}/{key1}" in listed or not isinstance(group, h5py.Group) or "matches0" not in group:
+                continue
+            for key in ("matches0", "matching_scores0"):
+                if key in group:
+                    del group[key]
+            dropped += 1
+    return dropped
+
+
 def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path: Path, merge_px: float) -> dict[str, int]:
-    """Merge each image's keypoints over its pairs, write the features file and every pair's matches0."""
+    """Merge each image's keypoints over its pairs, write the features file and every pair's matches0 (pairs
+    of ``out`` outside ``pairs`` lose theirs: :func:`drop_unlisted_matches`)."""
+    if merge_px <= 0:
+        raise ValueError(f"the keypoint merge grid must be positive, got {merge_px} px")
+    dropped = drop_unlisted_matches(pairs, out)
     done = [p for p in pairs if names_to_pair(*p) + "/raw_scores" in out]
     per_image: dict[str, list[np.ndarray]] = defaultdict(list)
     for name0, name1 in done:
@@ -161,7 +186,7 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
                 del group[key]
             group.create_dataset(key, data=value)
         total += int((matches0 >= 0).sum())
-    return {"pairs": len(done), "images": len(merged), "matches": total}
+    return {"pairs": len(done), "images": len(merged), "matches": total, "unlisted": dropped}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
     p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
     p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
-    p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels)")
+    p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels, > 0)")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
     add_precision_arguments(p, default=None)
     p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
     args = p.parse_args(argv)
+    if not args.merge_px > 0:
+        p.error(f"--merge-px must be positive, got {args.merge_px}")
 
     out_path = Path(args.out)
     keypoints_path = Path(args.keypoints_out) if args.keypoints_out else out_path.with_name(f"{out_path.stem}-keypoints.h5")
@@ -222,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{counts['pairs']} pairs, {counts['images']} images, {counts['matches']} matches -> {out_path}, "
         f"keypoints -> {keypoints_path}" + (f"; {len(failures)} pairs failed (listed above)" if failures else "")
     )
+    if counts["unlisted"]:
+        print(f"{counts['unlisted']} pairs matched by an earlier run are not in {args.pairs}: their matches0 were removed "
+              "(they indexed the replaced keypoints file; list them again to restore them)")
     return 1 if failures else 0
 
 

@@ -222,6 +222,8 @@ class Matcher(nn.Module):
         image0, image1 = _check_images(batch)
         if not self.training:
             _check_values(image0, image1)
+        weights_dtype = self.backbone.conv1.weight.dtype  # float64 / float16 images run in the weights' dtype
+        image0, image1 = image0.to(weights_dtype), image1.to(weights_dtype)
         cfg = self.config
         mask0, mask1 = (batch[k][:, ::8, ::8].bool() if k in batch else None for k in ("mask0", "mask1"))
         precision, feature_dtype = self._feature_precision()
@@ -303,7 +305,7 @@ class Matcher(nn.Module):
         architecture; by default the one :func:`checkpoint_config` finds, else the defaults.
         """
         path = Path(name_or_path)
-        if not path.suffix:  # a shipped name
+        if not path.suffix and not path.is_file():  # a shipped name
             path = WEIGHTS_DIR / f"{name_or_path}.safetensors"
             if not path.is_file():
                 shipped = sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors")) if WEIGHTS_DIR.is_dir() else []

@@ -7,6 +7,8 @@ Masks are ``(B, N)`` bool, False = padded token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -198,6 +200,25 @@ class QuadtreeBlock(nn.Module):
         return x + self.mlp(self.norm2(x), hw, x_mask)
 
 
+def _init_quadtree_weights(module: nn.Module) -> None:
+    """LoFTR-QuadTree's initialisation (its blocks are not reset by LoFTR's Xavier pass): linear maps and the
+    attention's q/k/v 1x1 convolutions N(0, 0.02) truncated at +-2, the depthwise convolution N(0, 2 / fan_out)
+    with fan_out = 9, biases 0, layer norms 1 and 0; the level-mixture logits stay N(0, 1)."""
+    if isinstance(module, QuadtreeAttention):
+        for conv in (module.q_proj, module.k_proj, module.v_proj):
+            nn.init.trunc_normal_(conv.weight, std=0.02, a=-2.0, b=2.0)
+    elif isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+    elif isinstance(module, DepthwiseConv):
+        conv = module.dwconv
+        fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class LocalFeatureTransformer(nn.Module):
     """Interleaved self / cross layers over the tokens of two images.
 
@@ -225,12 +246,12 @@ class LocalFeatureTransformer(nn.Module):
             make = lambda: LoFTREncoderLayer(d_model, nhead, attention)  # noqa: E731
         self.layers = nn.ModuleList([make() for _ in self.layer_names])
         self.divisibility = 2 ** (len(topks) - 1) if self.is_quadtree else 1
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        if self.is_quadtree:
+            self.apply(_init_quadtree_weights)
+        else:  # LoFTR's
+            for p in self.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
 
     def forward(
         self,

@@ -112,6 +112,7 @@ def test_bad_inputs_raise_value_errors(model, tmp_path):
         (np.zeros((64, 64, 2), np.uint8), "shape"),
         ([[0, 1]], "expected a path"),
         (np.zeros((64, 64), np.int64), "unsupported integer dtype int64"),
+        (np.zeros((64, 64), np.complex64), "unsupported dtype complex64"),
         (torch.zeros(64, 80, 3), r"channels-first.*got \(64, 80, 3\) \(channels last\?"),
     ]
     for bad, message in cases:
@@ -122,6 +123,29 @@ def test_bad_inputs_raise_value_errors(model, tmp_path):
     for resize in (0, -5, 7):
         with pytest.raises(ValueError, match="resize must be at least 8"):
             model.match(good, good, resize=resize)
+
+
+def test_forward_runs_float64_and_float16_images_in_the_weights_dtype(model):
+    """A (B, 1, H, W) float64 batch (torch.from_numpy of img / 255.) gives the float32 batch's matches."""
+    x0 = torch.from_numpy(textured_image(64, 80, seed=5)).float()[None, None]
+    x1 = torch.from_numpy(textured_image(64, 80, seed=6)).float()[None, None]
+    with torch.inference_mode():
+        ref = model({"image0": x0, "image1": x1})
+        for dtype in (torch.float64, torch.float16):
+            out = model({"image0": x0.to(dtype), "image1": x1.to(dtype)})
+            assert out["keypoints0"].dtype == torch.float32
+            np.testing.assert_allclose(out["keypoints1"].numpy(), ref["keypoints1"].numpy(), atol=1e-2 if dtype == torch.float16 else 1e-5)
+
+
+def test_from_pretrained_reads_an_existing_file_without_suffix(tmp_path):
+    torch.manual_seed(1)
+    source = Matcher(load_config("lite")).eval()
+    torch.save(source.state_dict(), tmp_path / "weights_no_suffix")
+    loaded = Matcher.from_pretrained(tmp_path / "weights_no_suffix", config="lite")
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    with pytest.raises(ValueError, match="no shipped weights named 'nonexistent'"):
+        Matcher.from_pretrained("nonexistent")
 
 
 def test_blank_image_gives_zero_matches():

@@ -360,3 +360,25 @@ def test_full_attention_masks_keys():
     mask = torch.tensor([[True, True, True, False, False, False]])
     expected = torch.softmax(q @ k[:, :, :3].transpose(-1, -2) / 2.0, -1) @ v[:, :, :3]
     torch.testing.assert_close(full_attention(q, k, v, mask), expected)
+
+
+def test_transformer_initialisation_follows_the_published_code():
+    """QuadTree blocks: LoFTR-QuadTree's own initialisation; LoFTR's linear-attention layers: Xavier uniform."""
+    from matcher.transformer import LocalFeatureTransformer
+
+    torch.manual_seed(0)
+    quadtree = LocalFeatureTransformer(256, 8, ["self", "cross"], "quadtree", "B", [32, 16, 16])
+    block = quadtree.layers[0]
+    for w in (block.attn.q_proj.weight, block.attn.k_proj.weight, block.attn.v_proj.weight, block.attn.proj.weight,
+              block.mlp.fc1.weight, block.mlp.fc2.weight):
+        assert abs(w.std().item() - 0.02) < 0.002 and w.abs().max() <= 2.0
+    dw = block.mlp.dwconv.dwconv.weight  # N(0, 2 / fan_out), fan_out = 3 * 3 * C / C
+    assert abs(dw.std().item() - (2 / 9) ** 0.5) < 0.03
+    for bias in (block.attn.proj.bias, block.mlp.fc1.bias, block.mlp.fc2.bias, block.mlp.dwconv.dwconv.bias, block.norm1.bias):
+        assert not bias.any()
+    assert (block.norm1.weight == 1).all() and block.attn.py_att.weight.shape == (3,)
+
+    linear = LocalFeatureTransformer(256, 8, ["self", "cross"], "linear")
+    w = linear.layers[0].q_proj.weight
+    bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.abs().max() <= bound and abs(w.std().item() - bound / 3 ** 0.5) < 0.003

@@ -72,7 +72,7 @@ def test_hloc_files_link_shifted_points(tmp_path):
     with h5py.File(tmp_path / "m.h5", "a") as out:
         assert mp.match_all(matcher, pairs, tmp_path / "img", out, None) == []
         counts = mp.write_hloc(pairs, out, tmp_path / "k.h5", merge_px=1.0)
-    assert counts == {"pairs": 2, "images": 3, "matches": 24}
+    assert counts == {"pairs": 2, "images": 3, "matches": 24, "unlisted": 0}
     with h5py.File(tmp_path / "m.h5") as m, h5py.File(tmp_path / "k.h5") as k:
         for name0, name1 in pairs:
             matches0 = m[mp.names_to_pair(name0, name1)]["matches0"][()]
@@ -105,6 +105,43 @@ def test_cli_resumes_counts_failures_and_refuses_other_settings(tmp_path, monkey
     assert "1 of 1 pairs already matched" in capsys.readouterr().out
     assert mp.main(args + ["--resize", "32"]) == 2
     assert "different matcher or settings" in capsys.readouterr().err
+
+
+def test_a_later_pair_list_leaves_no_stale_matches(tmp_path):
+    """matches0 index the keypoints file the run writes: pairs of an earlier list that are not in this one lose
+    theirs (hloc then fails on them instead of reading wrong keypoints) and get them back when listed again."""
+    _images(tmp_path / "img", ["a.png", "b.png", "c.png"])
+    both, first = [("a.png", "b.png"), ("b.png", "c.png")], [("a.png", "b.png")]
+    with h5py.File(tmp_path / "m.h5", "a") as out:
+        mp.match_all(ShiftMatcher(), both, tmp_path / "img", out, None)
+        mp.write_hloc(both, out, tmp_path / "k.h5", merge_px=1.0)
+        assert mp.write_hloc(first, out, tmp_path / "k.h5", merge_px=1.0)["unlisted"] == 1
+        assert "matches0" not in out["b.png/c.png"] and "raw_scores" in out["b.png/c.png"]
+        with h5py.File(tmp_path / "k.h5") as k:
+            assert set(k) == {"a.png", "b.png"} and len(out["a.png/b.png/matches0"]) == len(k["a.png/keypoints"])
+        assert mp.write_hloc(both, out, tmp_path / "k.h5", merge_px=1.0) == {"pairs": 2, "images": 3, "matches": 24, "unlisted": 0}
+        with pytest.raises(ValueError, match="must be positive"):
+            mp.write_hloc(both, out, tmp_path / "k.h5", merge_px=0.0)
+
+
+def test_cli_never_wipes_a_foreign_file_and_checks_the_merge_grid(tmp_path, monkeypatch, capsys):
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    monkeypatch.setattr("matcher.model.matcher_with_description", lambda w, c: (_Wrapped(ShiftMatcher()), "a stub"))
+    foreign = tmp_path / "hloc_matches.h5"
+    with h5py.File(foreign, "w") as f:
+        f.create_dataset("x.png/y.png/matches0", data=np.zeros(3, np.int32))
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(foreign)]
+    assert mp.main(args) == 2
+    assert "did not write" in capsys.readouterr().err
+    with h5py.File(foreign) as f:
+        assert "x.png/y.png/matches0" in f
+    assert mp.main(args + ["--overwrite"]) == 0
+    with h5py.File(foreign) as f:
+        assert "x.png" not in f and "a.png/b.png/matches0" in f
+    with pytest.raises(SystemExit):
+        mp.main(args + ["--merge-px", "0"])
+    assert "--merge-px must be positive" in capsys.readouterr().err
 
 
 class _Wrapped:

@@ -397,7 +397,7 @@ class MatcherDataModule(pl.LightningDataModule):
             hint = " (where each file goes: datasets/README.md)" if self.data_cfg.get("name") in ("scannet", "megadepth") else ""
             raise DataError(f"data {self.data_cfg.get('name')!r}: {one_line(err)}{hint}") from err
         if groups and not any(len(g) for g in groups):
-            where = f"rank {rank}'s {len(groups)} of the" if world > 1 else f"the {len(groups)}"
+            where = f"rank {rank}'s {len(groups)}" if world > 1 else f"the {len(groups)}"
             raise DataError(f"data {self.data_cfg.get('name')!r}: none of {where} training scenes has a pair "
                             f"(min_overlap_score {self.data_cfg.get('min_overlap_score')}; train_list to leave empty scenes out)")
         self.train_groups = groups

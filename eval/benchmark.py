@@ -162,12 +162,12 @@ def _init_like_kornia(transformer: torch.nn.Module) -> None:
     LoFTR-QuadTree's own initialisation (the training default) the random features are far more distinctive:
     3,187 mutual nearest neighbours on the 640x480 pair instead of about 300 (trained weights: about 1,400),
     and the fine stage's share of the time grows with them."""
+    from matcher.transformer import init_xavier_
+
     for module in transformer.modules():
         if module is not transformer and hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    for parameter in transformer.parameters():
-        if parameter.dim() > 1:
-            torch.nn.init.xavier_uniform_(parameter)
+    init_xavier_(transformer)
 
 
 def build_kornia(device: str, seed: int = 0) -> torch.nn.Module:

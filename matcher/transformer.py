@@ -200,6 +200,13 @@ class QuadtreeBlock(nn.Module):
         return x + self.mlp(self.norm2(x), hw, x_mask)
 
 
+def init_xavier_(module: nn.Module) -> None:
+    """LoFTR's initialisation of its transformer: Xavier uniform over every matrix (vectors keep theirs)."""
+    for parameter in module.parameters():
+        if parameter.dim() > 1:
+            nn.init.xavier_uniform_(parameter)
+
+
 def _init_quadtree_weights(module: nn.Module) -> None:
     """LoFTR-QuadTree's initialisation (its blocks are not reset by LoFTR's Xavier pass): linear maps and the
     attention's q/k/v 1x1 convolutions N(0, 0.02) truncated at +-2, the depthwise convolution N(0, 2 / fan_out)
@@ -248,10 +255,8 @@ class LocalFeatureTransformer(nn.Module):
         self.divisibility = 2 ** (len(topks) - 1) if self.is_quadtree else 1
         if self.is_quadtree:
             self.apply(_init_quadtree_weights)
-        else:  # LoFTR's
-            for p in self.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        else:
+            init_xavier_(self)
 
     def forward(
         self,

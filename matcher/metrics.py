@@ -6,7 +6,8 @@ the most cheirality inliers. Errors are the rotation angle of ``R_est^T R_gt`` a
 translation directions, up to sign; the pose error of a pair is the larger of the two (inf on failure).
 AUC at 5/10/20 degrees is the area under the recall-vs-error curve up to the threshold, divided by it.
 Precision is the share of matches whose squared symmetric epipolar distance in normalised coordinates is
-below 5e-4.
+below a threshold: 5e-4 for ScanNet and by default, 1e-4 for MegaDepth (LoFTR's config: "5e-4 for ScanNet,
+1e-4 for MegaDepth (from SuperGlue)").
 
 Homography: corner error = mean distance between image0's four corners mapped by the estimated and by
 the true homography; AUC at 3/5/10 px with the same AUC definition.
@@ -25,6 +26,14 @@ import numpy as np
 
 #: Squared symmetric epipolar distance (normalised coordinates) below which a match counts as correct.
 EPIPOLAR_PRECISION_THR = 5e-4
+
+#: Datasets whose precision threshold differs from :data:`EPIPOLAR_PRECISION_THR` (LoFTR's recommendation).
+EPIPOLAR_PRECISION_THR_BY_DATASET = {"megadepth": 1e-4}
+
+
+def epipolar_precision_threshold(dataset: str) -> float:
+    """The epipolar precision threshold of a dataset name (``scannet``, ``megadepth`` ...)."""
+    return EPIPOLAR_PRECISION_THR_BY_DATASET.get(dataset.lower(), EPIPOLAR_PRECISION_THR)
 
 #: RANSAC confidence of LoFTR's essential-matrix estimation.
 POSE_RANSAC_CONF = 0.99999

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-#: Relative depth difference above which a warped point counts as occluded (LoFTR's covisibility test).
+#: Relative depth difference above which :func:`warp_points_depth` counts a warped point as occluded. The
+#: coarse ground truth does not apply it: LoFTR leaves it out there ("no depth consistency check, since it
+#: leads to worse results experimentally") and relies on the round trip alone.
 DEPTH_CONSISTENCY = 0.2
 
 
@@ -31,16 +33,19 @@ def _lookup(depth: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def warp_points_depth(
-    pts0: torch.Tensor, depth0: torch.Tensor, depth1: torch.Tensor, T_0to1: torch.Tensor, K0: torch.Tensor, K1: torch.Tensor
+    pts0: torch.Tensor, depth0: torch.Tensor, depth1: torch.Tensor, T_0to1: torch.Tensor, K0: torch.Tensor, K1: torch.Tensor,
+    depth_consistency: float | None = DEPTH_CONSISTENCY,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp pixels of image0 into image1 with depth and pose.
 
     Args:
         pts0: ``(B, N, 2)`` pixels in the frame of ``depth0`` / ``K0``; depth0, depth1 ``(B, H, W)`` metres
             (0 = unknown); T_0to1 ``(B, 4, 4)``; K0, K1 ``(B, 3, 3)``.
+        depth_consistency: largest relative difference between the warped depth and ``depth1`` there for a
+            point to count as seen by camera 1 (not occluded); None skips the test (and ``depth1`` is unused).
     Returns:
-        ``valid (B, N)`` (known depth, in front of camera 1, inside image1, not occluded there) and the
-        warped points ``(B, N, 2)`` in the frame of ``depth1`` / ``K1``.
+        ``valid (B, N)`` (known depth, in front of camera 1, inside image1 and, with ``depth_consistency``,
+        not occluded there) and the warped points ``(B, N, 2)`` in the frame of ``depth1`` / ``K1``.
     """
     z0, _ = _lookup(depth0, pts0)
     ones = torch.ones_like(pts0[..., :1])
@@ -51,8 +56,9 @@ def warp_points_depth(
     proj = X1 @ K1.transpose(1, 2)
     pts1 = proj[..., :2] / proj[..., 2:].clamp_min(1e-6)
     z1_seen, inside = _lookup(depth1, pts1)
-    consistent = (z1_seen > 0) & ((z1 - z1_seen).abs() < DEPTH_CONSISTENCY * z1_seen)
-    valid = (z0 > 0) & (z1 > 1e-6) & inside & consistent
+    valid = (z0 > 0) & (z1 > 1e-6) & inside
+    if depth_consistency is not None:
+        valid &= (z1_seen > 0) & ((z1 - z1_seen).abs() < depth_consistency * z1_seen)
     return valid, pts1
 
 
@@ -86,8 +92,9 @@ def _warp_both_ways(batch: dict[str, Any], pts0: torch.Tensor, pts1: torch.Tenso
     s1 = batch.get("scale1", one).to(pts0)[:, None]
     d0, d1 = batch["depth0"].to(pts0), batch["depth1"].to(pts0)
     K0, K1 = batch["K0"].to(pts0), batch["K1"].to(pts0)
-    valid01, w01 = warp_points_depth(pts0 * s0, d0, d1, batch["T_0to1"].to(pts0), K0, K1)
-    valid10, w10 = warp_points_depth(pts1 * s1, d1, d0, batch["T_1to0"].to(pts0), K1, K0)
+    # no depth-consistency test, as LoFTR: the round trip in coarse_supervision rejects occlusions
+    valid01, w01 = warp_points_depth(pts0 * s0, d0, d1, batch["T_0to1"].to(pts0), K0, K1, depth_consistency=None)
+    valid10, w10 = warp_points_depth(pts1 * s1, d1, d0, batch["T_1to0"].to(pts0), K1, K0, depth_consistency=None)
     return valid01, w01 / s1, valid10, w10 / s0
 
 
@@ -97,8 +104,11 @@ def coarse_supervision(
     """Coarse ground truth of a batch (LoFTR's cycle-consistent nearest-cell matches).
 
     Image0's grid points are warped into image1, rounded to image1's nearest cell, warped back; a pair
-    (i, j) is positive when both warps are valid and the round trip returns to cell i. Cells in padding
-    (``mask1``) are never targets; cell 0 of image0 (the index invalid points default to) is never positive.
+    (i, j) is positive when both warps are valid (known depth, in front of the other camera, inside the other
+    image) and the round trip returns to cell i. As in LoFTR there is no depth-consistency test: a point
+    hidden in image1 lands on a cell whose own depth sends it elsewhere, so the round trip rejects it, and
+    LoFTR found the extra test worse for training. Cells in padding (``mask1``) are never targets; cell 0 of
+    image0 (the index invalid points default to) is never positive.
 
     Returns a new dict: ``conf_matrix_gt`` ``(B, L0, L1)``, ``spv_b_ids``, ``spv_i_ids``, ``spv_j_ids``
     ``(M,)``, ``spv_w_pt0_i`` ``(B, L0, 2)`` image0's grid warped into image1's resized pixels and

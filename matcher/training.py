@@ -274,7 +274,7 @@ class MatcherModule(pl.LightningModule):
         with torch.no_grad():
             out = self.matcher({k: v for k, v in batch.items() if k in ("image0", "image1", "mask0", "mask1")})
         vcfg = self.cfg.validation
-        results = evaluate_batch(batch, out, vcfg.ransac_thr, vcfg.ransac_conf)
+        results = evaluate_batch(batch, out, vcfg.ransac_thr, vcfg.ransac_conf, epi_thr=vcfg.epi_thr)
         self._val_outputs.extend(results)
         if batch_idx < vcfg.figures and self.global_rank == 0:
             self._save_figure(batch, out, results[0], batch_idx)

@@ -17,6 +17,7 @@ import torch
 import cv2
 
 from .metrics import (
+    EPIPOLAR_PRECISION_THR,
     HOMOGRAPHY_AUC_THRESHOLDS,
     epipolar_precision,
     estimate_homography,
@@ -39,12 +40,13 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 
 def pair_pose_metrics(
-    kpts0: np.ndarray, kpts1: np.ndarray, K0: np.ndarray, K1: np.ndarray, T_0to1: np.ndarray, ransac_thr: float, ransac_conf: float
+    kpts0: np.ndarray, kpts1: np.ndarray, K0: np.ndarray, K1: np.ndarray, T_0to1: np.ndarray, ransac_thr: float, ransac_conf: float,
+    epi_thr: float = EPIPOLAR_PRECISION_THR,
 ) -> dict[str, Any]:
     """LoFTR's protocol for one pair, keypoints in the K frames: ``pose_error`` (max of the rotation and
-    translation angles ``err_R``, ``err_t``; inf on failure), RANSAC ``inliers``, epipolar ``precision`` and
-    per-match ``correct``."""
-    precision, correct = epipolar_precision(kpts0, kpts1, T_0to1, K0, K1)
+    translation angles ``err_R``, ``err_t``; inf on failure), RANSAC ``inliers``, epipolar ``precision``
+    (squared symmetric epipolar distance below ``epi_thr``) and per-match ``correct``."""
+    precision, correct = epipolar_precision(kpts0, kpts1, T_0to1, K0, K1, epi_thr)
     pose = estimate_pose(kpts0, kpts1, K0, K1, ransac_thr, ransac_conf)
     err_t, err_r = relative_pose_error(T_0to1, pose[0], pose[1]) if pose is not None else (float("inf"), float("inf"))
     return {
@@ -73,11 +75,11 @@ def pair_homography_metrics(
 
 def evaluate_batch(
     batch: dict[str, Any], out: dict[str, torch.Tensor], ransac_thr: float, ransac_conf: float,
-    h_ransac_thr: float = HOMOGRAPHY_RANSAC_THR,
+    h_ransac_thr: float = HOMOGRAPHY_RANSAC_THR, epi_thr: float = EPIPOLAR_PRECISION_THR,
 ) -> list[dict[str, Any]]:
     """Metrics for every pair of a batch: pose metrics (keypoints scaled by ``scale0/1`` into the K frames,
-    RANSAC ``ransac_thr`` px / ``ransac_conf``), or homography metrics when the batch has ``H_0to1``
-    (keypoints in image pixels, RANSAC ``h_ransac_thr`` px)."""
+    RANSAC ``ransac_thr`` px / ``ransac_conf``, epipolar precision threshold ``epi_thr``), or homography
+    metrics when the batch has ``H_0to1`` (keypoints in image pixels, RANSAC ``h_ransac_thr`` px)."""
     results = []
     for b in range(batch["image0"].shape[0]):
         sel = out["batch_indexes"] == b
@@ -93,7 +95,9 @@ def evaluate_batch(
         if "scale0" in batch:
             k0, k1 = k0 * _np(batch["scale0"][b]), k1 * _np(batch["scale1"][b])
         results.append(
-            pair_pose_metrics(k0, k1, _np(batch["K0"][b]), _np(batch["K1"][b]), _np(batch["T_0to1"][b]), ransac_thr, ransac_conf)
+            pair_pose_metrics(
+                k0, k1, _np(batch["K0"][b]), _np(batch["K1"][b]), _np(batch["T_0to1"][b]), ransac_thr, ransac_conf, epi_thr
+            )
         )
     return results
 

@@ -721,6 +721,10 @@ def test_validation_leaves_out_pairs_without_a_finite_pose() -> None:
     assert summary["num_pairs"] == 1 and summary["num_skipped"] == 1 and summary["auc@5"] > 90
     assert summary["precision"] == 100.0
     assert summarize(results[1:]) == {"num_skipped": 1.0}
+    # the precision threshold is the one given: half a pixel off the epipolar lines is (0.5 / 300)^2 * 2 = 5.6e-6
+    shifted = matches_output([kpts0, kpts0], [kpts1 + 0.5, kpts1 + 0.5])
+    assert evaluate_batch(batch, shifted, 0.5, 0.99999)[0]["precision"] == 1.0
+    assert evaluate_batch(batch, shifted, 0.5, 0.99999, epi_thr=1e-6)[0]["precision"] == 0.0
 
 
 def test_validation_keypoints_of_a_dataset_batch(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import json
@@ -261,10 +262,12 @@ def test_dataset_samples_with_scale_and_padding(scripts: dict[str, ModuleType], 
     assert pair.key == "s0|7|['view0.png', 'view2.png']"
     assert pair.image0.shape == (192, 256) and pair.image1.shape == (192, 256)
     prediction = SIFTMatcher().match(pair.image0, pair.image1, resize=None)
-    result = pose_module.evaluate_pose_pair(prediction, pair.truth, 0.5, 0.99999)
+    result = pose_module.evaluate_pose_pair(prediction, pair.truth, 0.5, 0.99999, 5e-4)
     assert result["pose_error"] < 3.0 and result["precision"] > 0.7
+    # The precision threshold is the one given: none of the keypoints lies exactly on its epipolar line.
+    assert pose_module.evaluate_pose_pair(prediction, pair.truth, 0.5, 0.99999, 1e-30)["precision"] == 0.0
     # Without the scale the keypoints are in the wrong frame: the pose is far off.
-    unscaled = pose_module.evaluate_pose_pair(prediction, {**pair.truth, "scale0": np.ones(2), "scale1": np.ones(2)}, 0.5, 0.99999)
+    unscaled = pose_module.evaluate_pose_pair(prediction, {**pair.truth, "scale0": np.ones(2), "scale1": np.ones(2)}, 0.5, 0.99999, 5e-4)
     assert unscaled["precision"] < result["precision"]
     bad = {**sample, "T_0to1": torch.full((4, 4), float("inf"))}
     with pytest.raises(ValueError, match="missing pose"):
@@ -580,3 +583,16 @@ def test_prediction_cache_roundtrip_and_refusal(scripts: dict[str, ModuleType], 
     path.write_bytes(b"not an hdf5 file")
     with pytest.raises(common.CacheMismatchError, match="overwrite-cache"):
         common.PredictionCache(path, {"matcher": {}})
+
+
+def test_pose_precision_threshold_by_dataset(scripts: dict[str, ModuleType]) -> None:
+    """5e-4 for ScanNet and the rest, 1e-4 for MegaDepth (LoFTR's recommendation), --epi-thr over both; the
+    protocol block prints the one used."""
+    pose = scripts["pose"]
+    parse = pose.build_parser().parse_args
+    assert pose.precision_threshold(parse(["--dataset", "scannet"])) == 5e-4
+    assert pose.precision_threshold(parse(["--dataset", "synthetic"])) == 5e-4
+    assert pose.precision_threshold(parse(["--dataset", "megadepth"])) == 1e-4
+    args = parse(["--dataset", "megadepth", "--epi-thr", "2e-4"])
+    assert pose.precision_threshold(args) == 2e-4
+    assert "< 0.0002," in pose.pose_protocol(args, {}, collections.Counter(), 3)["precision"]

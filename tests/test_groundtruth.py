@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from matcher.losses import coarse_focal_loss, fine_l2_loss
-from matcher.supervision import coarse_supervision, fine_supervision, warp_points_depth, warp_points_homography
+from matcher.supervision import coarse_grid, coarse_supervision, fine_supervision, warp_points_depth, warp_points_homography
 
 K = torch.tensor([[200.0, 0, 80], [0, 200.0, 60], [0, 0, 1]])
 
@@ -86,11 +86,31 @@ def test_different_image_sizes_and_padding_mask():
     assert len(j) > 0 and torch.all(j % 12 < 8) and torch.all(j // 12 < 8)
 
 
-def test_occluded_points_are_not_positive():
-    batch = _batch(torch.eye(4))
-    batch["depth1"][:, :, 80:] = 1.0  # something closer in front of the right part in view 1
+def test_round_trip_rejects_points_hidden_by_a_closer_surface():
+    # camera 1 moves 0.32 m: the plane at 4 m shifts by 2 cells; in view 1 a surface at 1 m covers x >= 80 px.
+    # A cell of image0 landing there comes back 8 cells off (200 * 0.32 / 1 = 64 px), so it is no match.
+    T = torch.eye(4)
+    T[0, 3] = 0.32
+    batch = _batch(T)
+    batch["depth1"][:, :, 80:] = 1.0
     spv = coarse_supervision(batch, (15, 20), (15, 20))
-    assert torch.all(spv["spv_i_ids"] % 20 < 10)
+    i, j = spv["spv_i_ids"], spv["spv_j_ids"]
+    assert torch.equal(j, i + 2) and torch.all(i % 20 < 8)  # x + 16 px stays left of the closer surface
+    assert len(i) == 15 * 8 - 1  # every such cell but cell 0
+
+
+def test_depth_mismatch_alone_does_not_reject_a_round_trip():
+    # LoFTR's coarse ground truth has no depth-consistency test: with the cameras at the same place every
+    # cell comes back to itself, whatever depth image1 holds there; warp_points_depth's own test still flags it.
+    batch = _batch(torch.eye(4))
+    batch["depth1"][:, :, 80:] = 1.0
+    spv = coarse_supervision(batch, (15, 20), (15, 20))
+    assert torch.equal(spv["spv_i_ids"], spv["spv_j_ids"]) and len(spv["spv_i_ids"]) == 299
+    pts = coarse_grid(15, 20, 8)[None]
+    valid, _ = warp_points_depth(pts, batch["depth0"], batch["depth1"], torch.eye(4)[None], K[None], K[None])
+    assert torch.equal(valid[0], pts[0, :, 0] < 80)
+    unchecked, _ = warp_points_depth(pts, batch["depth0"], batch["depth1"], torch.eye(4)[None], K[None], K[None], depth_consistency=None)
+    assert unchecked.all()
 
 
 def test_focal_loss_matches_formula_and_masks():

@@ -336,3 +336,11 @@ def test_matches_kept_counts_reference_matches_found_within_tolerance():
     assert matches_kept(ref0, ref1, new0, new1, tol=2.0) == pytest.approx(0.75)
     assert matches_kept(ref0[:0], ref1[:0], new0, new1) == 1.0
     assert matches_kept(ref0, ref1, new0[:0], new1[:0]) == 0.0
+
+
+def test_epipolar_precision_threshold_by_dataset() -> None:
+    from matcher.metrics import EPIPOLAR_PRECISION_THR, epipolar_precision_threshold
+
+    assert epipolar_precision_threshold("scannet") == 5e-4 == EPIPOLAR_PRECISION_THR
+    assert epipolar_precision_threshold("MegaDepth") == 1e-4
+    assert epipolar_precision_threshold("synthetic") == 5e-4

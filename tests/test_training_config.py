@@ -142,6 +142,10 @@ def test_published_quadtree_recipes(recipe, model, data, published):
     assert got == pytest.approx(published)
     assert cfg.model == model and cfg.data.name == data and cfg.trainer.max_epochs == 30
     assert cfg.trainer.gradient_clip_val == 0.5 and not cfg.loss.sparse  # dense supervision, clip 0.5 (both)
+    # validation precision at eval/pose.py's threshold for the dataset
+    from matcher.metrics import epipolar_precision_threshold
+
+    assert cfg.validation.epi_thr == epipolar_precision_threshold(data)
     # the defaults hold the indoor optimisation recipe; the shipped lite weights keep their own warm-up start
     assert load_train_config(None).optim == load_train_config("scannet_quadtree").optim
     assert load_train_config("lite_synthetic").optim.warmup_ratio == 0.1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -214,6 +215,8 @@ def sync_batchnorm(setting: bool | str, world_size: int, device_type: str) -> bo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the training sampler continues inside a resumed epoch (matcher.training.resume_position)
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         return _train(args)
     except (ConfigError, DataError, MisconfigurationException) as err:
@@ -223,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     if args.resume:
+        given = [flag for flag, value in (("--config", args.config), ("--init-weights", args.init_weights)) if value]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} cannot be given with --resume: the run continues from its own "
+                              f"config.yaml and last checkpoint")
         run_dir = Path(args.resume)
         cfg = _resume_config(run_dir, _overrides(argparse.Namespace(**{**vars(args), "run_dir": None})))
         ckpt = run_dir / "checkpoints" / "last.ckpt"

@@ -20,7 +20,9 @@ def coarse_focal_loss(
 
     Positives: ``-alpha (1 - p)^gamma log p``; negatives (dense only): ``-alpha p^gamma log(1 - p)``; each
     term averaged over its entries and weighted. Entries in a padded row or column (masks ``(B, L)`` bool,
-    False = padding) are left out. Without any positive the positive term is 0.
+    False = padding) weigh 0 but count in their term's mean, as in LoFTR (whose weight is mask0 x mask1):
+    padding dilutes the negative term rather than being left out of it. Without any positive the positive
+    term is 0.
     """
     p = conf.clamp(1e-6, 1 - 1e-6)
     keep = torch.ones_like(conf_gt, dtype=torch.bool)
@@ -28,14 +30,16 @@ def coarse_focal_loss(
         keep = keep & mask0[:, :, None]
     if mask1 is not None:
         keep = keep & mask1[:, None, :]
-    pos, neg = (conf_gt == 1) & keep, (conf_gt == 0) & keep
+    pos, neg = conf_gt == 1, conf_gt == 0
     loss = conf.new_zeros(())
     if pos.any():
-        loss = loss + pos_weight * (-alpha * (1 - p[pos]).pow(gamma) * p[pos].log()).mean()
+        pos_terms = -alpha * (1 - p[pos]).pow(gamma) * p[pos].log()
+        loss = loss + pos_weight * (pos_terms * keep[pos]).mean()
     else:  # keeps the graph (and DDP's gradient bookkeeping) intact
         loss = loss + 0.0 * conf.sum()
     if not sparse and neg.any():
-        loss = loss + neg_weight * (-alpha * p[neg].pow(gamma) * (1 - p[neg]).log()).mean()
+        neg_terms = -alpha * p[neg].pow(gamma) * (1 - p[neg]).log()
+        loss = loss + neg_weight * (neg_terms * keep[neg]).mean()
     return loss
 
 

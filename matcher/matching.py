@@ -392,7 +392,11 @@ def pad_with_ground_truth(
     num_gt_min: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training: keep at most ``num_train - num_gt_min`` predictions and pad with ground-truth matches
-    (confidence 0) up to ``num_train`` (at least ``num_gt_min`` of them), so the fine stage always learns."""
+    (confidence 0) up to ``num_train`` (at least ``num_gt_min`` of them), so the fine stage always learns.
+
+    A batch without ground truth and without predictions gets one placeholder (0, 0, 0), confidence 0, as
+    LoFTR: the fine stage then still runs and every parameter takes part in the backward pass, which DDP
+    requires; the training loss gives the placeholder no fine target."""
     device = b_ids.device
     num_pred = len(b_ids)
     num_gt_min = min(num_gt_min, num_train // 2)  # small images hold fewer cells than the configured minimum
@@ -402,6 +406,9 @@ def pad_with_ground_truth(
         pred = torch.randint(num_pred, (num_train - num_gt_min,), device=device)
     num_gt = len(spv["spv_b_ids"])
     if num_gt == 0:
+        if num_pred == 0:
+            zero = torch.zeros(1, device=device, dtype=b_ids.dtype)
+            return zero, zero.clone(), zero.clone(), torch.zeros(1, device=device, dtype=mconf.dtype)
         return b_ids[pred], i_ids[pred], j_ids[pred], mconf[pred]
     gt = torch.randint(num_gt, (max(num_train - num_pred, num_gt_min),), device=device)
     zeros = torch.zeros(len(gt), device=device, dtype=mconf.dtype)

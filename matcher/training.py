@@ -142,8 +142,30 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     return cfg
 
 
+#: Keys fixed for the life of a run: the checkpoint's optimiser state and lr schedule (the scaled lr, the
+#: warm-up and the epoch length that places the milestones) were made for them, and Lightning restores those
+#: as saved, so a new value would be written into config.yaml without taking effect.
+RESUME_FIXED_KEYS = (
+    "batch_size", "trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches", "optim",
+    "data.train_length", "data.samples_per_scene",
+)
+
+
+def _leaf_keys(cfg: DictConfig, keys: tuple[str, ...]) -> list[str]:
+    """``keys`` with each section (``optim``) replaced by its own keys (``optim.gamma`` ...)."""
+    leaves = []
+    for key in keys:
+        node = OmegaConf.select(cfg, key)
+        if isinstance(node, DictConfig):
+            leaves.extend(f"{key}.{k}" for k in node)
+        else:
+            leaves.append(key)
+    return leaves
+
+
 def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """Overrides given when a run is resumed, merged over its saved ``config.yaml`` with the same checks."""
+    """Overrides given when a run is resumed, merged over its saved ``config.yaml`` with the same checks.
+    ``model``, ``data`` and :data:`RESUME_FIXED_KEYS` cannot change (ConfigError)."""
     OmegaConf.set_struct(cfg, True)
     if not overrides:
         return cfg
@@ -157,6 +179,15 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     defaults = _load_yaml(_config_path("train", "default"), "training config")
     _check_types(merged, defaults, "training config")
     _check_values(merged)
+    changed = [key for key in _leaf_keys(cfg, RESUME_FIXED_KEYS) if OmegaConf.select(cfg, key) != OmegaConf.select(merged, key)]
+    if changed:
+        what = ", ".join(
+            f"{key} ({one_line(OmegaConf.select(cfg, key))} -> {one_line(OmegaConf.select(merged, key))})" for key in changed
+        )
+        raise ConfigError(
+            f"{what} cannot change when a run is resumed: its optimiser state and lr schedule were made for the "
+            f"saved values; start a new run from its weights instead (--init-weights RUN_DIR/checkpoints/last.ckpt)"
+        )
     return merged
 
 
@@ -190,6 +221,12 @@ def scaled_lr_and_warmup(optim: DictConfig, total_batch: int) -> tuple[float, in
     lr = optim.canonical_lr * total_batch / optim.canonical_bs
     warmup = math.floor(optim.warmup_steps * optim.canonical_bs / total_batch)
     return lr, warmup
+
+
+def optimizer_steps_per_epoch(batches: int, accumulate: int) -> int:
+    """Optimiser steps in an epoch of ``batches`` batches: Lightning also steps on the last, partial
+    accumulation group of an epoch."""
+    return max(1, math.ceil(batches / accumulate))
 
 
 def planned_total_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int) -> int | None:
@@ -242,6 +279,8 @@ class MatcherModule(pl.LightningModule):
         spv = coarse_supervision(batch, hw0, hw1)
         out = self.matcher({**batch, **spv}, internals=True)
         expec_gt = fine_supervision(spv, out["b_ids"], out["i_ids"], out["j_ids"], window=self.matcher.config.fine_window_size)
+        if len(spv["spv_b_ids"]) == 0:  # the fine stage's only zero-confidence entry is pad_with_ground_truth's placeholder
+            expec_gt = expec_gt.masked_fill((out["mconf"] == 0)[:, None], float("inf"))  # outside the window: no target
         lc = self.cfg.loss
         m0 = batch["mask0"][:, ::8, ::8].flatten(1).bool() if "mask0" in batch else None
         m1 = batch["mask1"][:, ::8, ::8].flatten(1).bool() if "mask1" in batch else None
@@ -313,7 +352,7 @@ class MatcherModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=optim.weight_decay)
         datamodule = self.trainer.datamodule  # set up before this hook: it knows the epoch length
         batches = datamodule.batches_per_epoch() if datamodule is not None else self.trainer.num_training_batches
-        steps_per_epoch = max(1, int(batches) // self.trainer.accumulate_grad_batches)
+        steps_per_epoch = optimizer_steps_per_epoch(int(batches), self.trainer.accumulate_grad_batches)
         if self._resumed_warmup is not None:
             # a resumed run keeps the warm-up it started with, even if a new --max-steps changes its length
             self.warmup_steps = self._resumed_warmup
@@ -343,6 +382,21 @@ class MatcherModule(pl.LightningModule):
 
 
 # ----------------------------------------------------------------------------------------------- data
+def resume_position(trainer: pl.Trainer, batch_size: int, batches_per_epoch: int) -> tuple[int, int]:
+    """``(epoch, samples already trained in it)`` where a fit continues; ``(0, 0)`` for a new run.
+
+    When a run resumes inside an epoch, Lightning restarts the epoch's data iterator but runs only the
+    batches left, so a sampler that starts over replays the epoch's first batches and never draws its last
+    ones; with worker processes the iterator also draws its first indices before Lightning sets the sampler's
+    epoch. Read when the data loader is built, from the restored loop state, this places the sampler itself."""
+    loop = trainer.fit_loop
+    epoch = loop.epoch_progress.current.processed
+    done = loop.epoch_loop.batch_progress.current.processed if loop.epoch_loop.restarting else 0
+    if done >= batches_per_epoch:  # saved at the end of an epoch: the next one starts afresh
+        return epoch + 1, 0
+    return epoch, done * batch_size
+
+
 class EpochSubsetSampler(Sampler[int]):
     """Draws ``samples_per_group`` indices per group and epoch (without replacement where possible),
     reseeded every epoch: fresh synthetic scenes / a new per-scene sample each epoch. An empty group (a scene
@@ -353,9 +407,14 @@ class EpochSubsetSampler(Sampler[int]):
         if groups and not any(len(g) for g in groups):
             raise ValueError(f"none of the {len(groups)} groups (scenes) has a sample to draw")
         self.groups, self.samples_per_group, self.seed, self.epoch = groups, samples_per_group, seed, 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Continue inside ``epoch``: its next draw leaves out its first ``skip`` indices (a resumed run)."""
+        self.epoch, self._skip = epoch, skip
 
     def __len__(self) -> int:
         return self.samples_per_group * len(self.groups)
@@ -375,6 +434,7 @@ class EpochSubsetSampler(Sampler[int]):
             picked.extend(rng.choice(np.asarray(group), self.samples_per_group, replace=replace).tolist())
         rng.shuffle(picked)
         self.epoch += 1  # also advances when Lightning does not call set_epoch
+        picked, self._skip = picked[self._skip :], 0
         return iter(picked)
 
 
@@ -408,6 +468,8 @@ class MatcherDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSubsetSampler(self.train_groups, self.samples_per_group, self.seed + 1000 * self._rank())
+        if self.trainer is not None:
+            sampler.resume_at(*resume_position(self.trainer, self.batch_size, self.batches_per_epoch()))
         return DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0, drop_last=True,

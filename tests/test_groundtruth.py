@@ -127,8 +127,9 @@ def test_focal_loss_matches_formula_and_masks():
     mask1 = torch.ones(2, 5, dtype=torch.bool)
     mask1[:, 4] = False
     masked = coarse_focal_loss(conf, gt, mask1=mask1)
+    # LoFTR weighs padded entries 0 but keeps them in the mean: the sum over valid negatives / all 38 negatives
     negs = [conf[b, i, j] for b in range(2) for i in range(4) for j in range(4) if gt[b, i, j] == 0]
-    neg_term = sum(-0.25 * p**2 * math.log(1 - p) for p in negs) / len(negs)
+    neg_term = sum(-0.25 * p**2 * math.log(1 - p) for p in negs) / 38
     assert masked.item() == pytest.approx(float(pos_term + neg_term), rel=1e-5)
     sparse = coarse_focal_loss(conf, gt, sparse=True)
     assert sparse.item() == pytest.approx(float(pos_term), rel=1e-5)
@@ -154,3 +155,28 @@ def test_fine_loss_ignores_outside_and_weights_by_inverse_std():
     loss.backward()
     assert expec.grad[0, 0] > 0 and expec.grad[1, 0] < 0 and expec.grad[2].abs().sum() == 0
     assert fine_l2_loss(expec, torch.full((3, 2), 5.0)).item() == 0.0
+
+
+@pytest.mark.parametrize("with_ground_truth", [False, True])
+def test_every_parameter_gets_a_gradient_also_without_ground_truth_or_matches(with_ground_truth):
+    """A batch without ground truth and without predicted matches (unknown depth, threshold 1) still runs the
+    fine stage on one placeholder with no fine target, as LoFTR, so that every parameter takes part in the
+    backward pass: DDP (find_unused_parameters=False) fails on the next step otherwise."""
+    from omegaconf import OmegaConf
+
+    from matcher import load_config
+    from matcher.training import MatcherModule, load_train_config
+
+    model_config = OmegaConf.to_container(load_config("lite"))
+    model_config["match_coarse"]["thr"] = 1.0  # no prediction can pass
+    config = {**OmegaConf.to_container(load_train_config(None)), "model_config": model_config}
+    module = MatcherModule(config).train()
+    torch.manual_seed(0)
+    batch = _batch(torch.eye(4), depth=4.0 if with_ground_truth else 0.0, hw=(64, 96))
+    batch["image0"], batch["image1"] = torch.rand(1, 1, 64, 96), torch.rand(1, 1, 64, 96)
+    loss, stats = module.compute_loss(batch)
+    assert (stats["num_gt"] > 0) == with_ground_truth
+    if not with_ground_truth:
+        assert stats["loss_fine"] == 0.0
+    loss.backward()
+    assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -140,6 +140,8 @@ def test_warmup_longer_than_the_run_is_capped_and_kept_on_resume(train_main, tmp
         (["--data", "nope"], "unknown data config 'nope'"),
         (["--data", "homography", "--set", "data.image_dir=/nonexistent/photos"], "data 'homography': image folder not found: /nonexistent/photos"),
         (["--resume", "/nonexistent/run"], "--resume: no config.yaml in /nonexistent/run"),
+        (["--resume", "/nonexistent/run", "--config", "lite_synthetic"], "--config cannot be given with --resume"),
+        (["--resume", "/nonexistent/run", "--init-weights", "w.pt"], "--init-weights cannot be given with --resume"),
     ],
 )
 def test_config_and_data_errors_are_one_line(train_main, tmp_path, capsys, extra, expected):

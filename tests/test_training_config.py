@@ -149,3 +149,102 @@ def test_published_quadtree_recipes(recipe, model, data, published):
     # the defaults hold the indoor optimisation recipe; the shipped lite weights keep their own warm-up start
     assert load_train_config(None).optim == load_train_config("scannet_quadtree").optim
     assert load_train_config("lite_synthetic").optim.warmup_ratio == 0.1
+
+
+@pytest.mark.parametrize("batches, accumulate", [(4, 3), (6, 3), (5, 1), (2, 4)])
+def test_optimizer_steps_per_epoch_as_lightning_counts_them(tmp_path, batches, accumulate):
+    """The lr milestones count epochs in optimiser steps: Lightning also steps on an epoch's last, partial
+    accumulation group (4 batches at accumulate 3: 2 steps, not 1)."""
+    import pytorch_lightning as pl
+    import torch
+
+    from matcher.training import optimizer_steps_per_epoch
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.steps = 0
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch.sum()) ** 2
+
+        def optimizer_step(self, *args, **kwargs):
+            self.steps += 1
+            super().optimizer_step(*args, **kwargs)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Tiny()
+    trainer = pl.Trainer(
+        max_epochs=2, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(torch.ones(batches, 1), batch_size=1))
+    assert module.steps == 2 * optimizer_steps_per_epoch(batches, accumulate)
+
+
+def test_resume_refuses_what_the_checkpoint_fixed():
+    """A resumed run keeps its batch, devices, accumulation, optimiser settings and epoch length (Lightning
+    restores the optimiser and the lr schedule as saved); limits and other keys may change."""
+    from matcher.training import merge_run_overrides
+
+    def saved():
+        return OmegaConf.create(OmegaConf.to_container(load_train_config(None, ["batch_size=2"])))
+
+    assert merge_run_overrides(saved(), ["batch_size=2", "trainer.max_steps=10"]).trainer.max_steps == 10
+    assert merge_run_overrides(saved(), ["num_workers=0"]).num_workers == 0
+    for override, key in [
+        ("batch_size=4", r"batch_size \(2 -> 4\)"), ("optim.canonical_lr=0.01", r"optim.canonical_lr \(0.006 -> 0.01\)"),
+        ("optim.milestones=[1]", "optim.milestones"), ("trainer.devices=2", r"trainer.devices \(auto -> 2\)"),
+        ("trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"), ("data.train_length=5", "data.train_length"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{key}.* cannot change when a run is resumed"):
+            merge_run_overrides(saved(), [override])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", [5, 6, 8])  # inside epoch 1 (after 1 or 2 of its 4 batches) and at its end
+def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(tmp_path, workers, stop):
+    """Lightning restarts the data iterator of an epoch it resumes inside and (with worker processes) draws
+    before setting the sampler's epoch; the sampler placed by resume_position continues where the run stopped."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from matcher.training import resume_position
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch.flatten().long().tolist())
+            return (self.w - batch.mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            sampler = EpochSubsetSampler([list(range(100))], 8, seed=0)
+            sampler.resume_at(*resume_position(self.trainer, 2, 4))
+            return torch.utils.data.DataLoader(
+                torch.arange(100.0)[:, None], batch_size=2, sampler=sampler, drop_last=True, num_workers=workers,
+                persistent_workers=workers > 0,
+            )
+
+    def fit(run, max_steps, resume=False):
+        module = Recorder()
+        checkpoint = ModelCheckpoint(dirpath=run, filename="last", every_n_train_steps=1, enable_version_counter=False)
+        trainer = pl.Trainer(
+            max_steps=max_steps, max_epochs=10, accelerator="cpu", logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[checkpoint], default_root_dir=run,
+        )
+        trainer.fit(module, ckpt_path=str(run / "last.ckpt") if resume else None)
+        return module.seen
+
+    whole = fit(tmp_path / "whole", 12)
+    assert fit(tmp_path / "split", stop) + fit(tmp_path / "split", 12, resume=True) == whole

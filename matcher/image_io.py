@@ -18,11 +18,14 @@ _GRAY_WEIGHTS_RGB = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def read_image_gray(path: str | Path) -> np.ndarray:
-    """Read an image file as float32 grayscale ``(H, W)`` in [0, 1] (8- or 16-bit files)."""
+    """Read an image file as float32 grayscale ``(H, W)`` in [0, 1] (8- or 16-bit files), turned upright by
+    its EXIF orientation as ``cv2.imread``'s defaults, the datasets and hloc's own reader do (phone photos are
+    stored sideways with an orientation tag)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    # ANYDEPTH keeps 16-bit files; unlike IMREAD_UNCHANGED, these flags apply the EXIF orientation
+    img = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None:
         raise ValueError(f"cannot read image (not an image, or corrupt): {path}")
     return to_gray_float(img, name=str(path), bgr=True)

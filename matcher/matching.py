@@ -38,21 +38,33 @@ def dual_softmax(
     return conf
 
 
-def valid_extent(mask: torch.Tensor | None, b: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows and columns ``(B,)`` each of the unpadded part of a coarse grid, read off its padding mask."""
+def _span(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last index ``(B,)`` each of the True entries of ``(B, N)`` (0, 0 where none)."""
+    index = torch.arange(valid.shape[1], device=valid.device)
+    start = torch.where(valid, index, valid.shape[1]).amin(1)
+    end = torch.where(valid, index + 1, 0).amax(1)
+    return start.clamp_max(end), end
+
+
+def valid_extent(
+    mask: torch.Tensor | None, b: int, h: int, w: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row start, row end, column start, column end ``(B,)`` each of the unpadded block of a coarse grid, read
+    off its padding mask: the rows and columns holding a valid cell, wherever the padding is (bottom-right, as
+    the matcher pads, or around the image, as a letterbox)."""
     if mask is None:
-        return torch.full((b,), h, device=device), torch.full((b,), w, device=device)
+        zero = torch.zeros(b, dtype=torch.long, device=device)
+        return zero, torch.full((b,), h, device=device), zero, torch.full((b,), w, device=device)
     grid = mask.reshape(b, h, w)
-    return grid.any(2).sum(1), grid.any(1).sum(1)
+    return (*_span(grid.any(2)), *_span(grid.any(1)))
 
 
 def off_border(b: int, h: int, w: int, border: int, mask: torch.Tensor | None, device) -> torch.Tensor:
-    """``(B, h * w)`` bool: cells at least ``border`` cells inside the valid (unpadded) extent."""
+    """``(B, h * w)`` bool: cells at least ``border`` cells inside the valid (unpadded) block."""
     rows = torch.arange(h, device=device)[None, :, None]
     cols = torch.arange(w, device=device)[None, None, :]
-    h_end, w_end = valid_extent(mask, b, h, w, device)
-    keep = (rows >= border) & (cols >= border)
-    keep = keep & (rows < h_end[:, None, None] - border) & (cols < w_end[:, None, None] - border)
+    r0, r1, c0, c1 = (e[:, None, None] for e in valid_extent(mask, b, h, w, device))
+    keep = (rows >= r0 + border) & (rows < r1 - border) & (cols >= c0 + border) & (cols < c1 - border)
     return keep.reshape(b, h * w)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ def resolve_feature_dtype(name: str, device: torch.device | str) -> torch.dtype 
 
 
 def _check_images(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"the batch must be a dict with 'image0' and 'image1' tensors, got {type(batch).__name__}")
     for key in ("image0", "image1"):
         if key not in batch:
             raise ValueError(f"batch needs '{key}'")
@@ -69,14 +72,17 @@ def _check_images(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[1] != 1:
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
             raise ValueError(f"{key} must be a (B, 1, H, W) tensor, got {shape}")
+        if img.shape[0] == 0:
+            raise ValueError(f"{key} holds no image (batch size 0)")
         if min(img.shape[2:]) < 8:
             raise ValueError(f"{key} is smaller than one coarse cell (8 px): {tuple(img.shape[2:])}")
         if not img.is_floating_point():
             raise ValueError(f"{key} must be a float tensor in [0, 1], got {img.dtype} (divide by 255?)")
-        mask_key = "mask" + key[-1]
-        if mask_key in batch and tuple(batch[mask_key].shape) != (img.shape[0], *img.shape[2:]):
-            raise ValueError(f"{mask_key} must be (B, H, W) = {(img.shape[0], *img.shape[2:])} like {key}, "
-                             f"got {tuple(batch[mask_key].shape)}")
+        mask = batch.get("mask" + key[-1])  # None counts as no mask
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (img.shape[0], *img.shape[2:])):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask{key[-1]} must be a (B, H, W) = {(img.shape[0], *img.shape[2:])} tensor like {key}, "
+                             f"got {got}")
     if batch["image0"].shape[0] != batch["image1"].shape[0]:
         raise ValueError("image0 and image1 need the same batch size")
     return batch["image0"], batch["image1"]
@@ -225,7 +231,7 @@ class Matcher(nn.Module):
         weights_dtype = self.backbone.conv1.weight.dtype  # float64 / float16 images run in the weights' dtype
         image0, image1 = image0.to(weights_dtype), image1.to(weights_dtype)
         cfg = self.config
-        mask0, mask1 = (batch[k][:, ::8, ::8].bool() if k in batch else None for k in ("mask0", "mask1"))
+        mask0, mask1 = (None if batch.get(k) is None else batch[k][:, ::8, ::8].bool() for k in ("mask0", "mask1"))
         precision, feature_dtype = self._feature_precision()
         with precision:
             c0, f0, c1, f1 = self.extract_features(image0, image1)
@@ -344,7 +350,11 @@ class Matcher(nn.Module):
             gray, scale = resize_long_side(load_gray(image, name), long_side)
             tensors.append(torch.from_numpy(np.ascontiguousarray(gray))[None, None].to(device))
             scales.append(scale)
-        out = self({"image0": tensors[0], "image1": tensors[1]})
+        was_training = self.training
+        try:  # inference in eval mode whatever mode the model is in: batch norm must not learn from this pair
+            out = self.eval()({"image0": tensors[0], "image1": tensors[1]})
+        finally:
+            self.train(was_training)
         return {
             "keypoints0": to_input_pixels(out["keypoints0"].float().cpu().numpy(), scales[0]),
             "keypoints1": to_input_pixels(out["keypoints1"].float().cpu().numpy(), scales[1]),

@@ -171,3 +171,45 @@ def test_config_without_weights_is_refused_unless_it_is_the_shipped_one(tmp_path
     monkeypatch.setattr(model_module, "WEIGHTS_DIR", tmp_path)  # nothing shipped: random weights of the config
     model, which = model_module.matcher_with_description(None, "lite_linear")
     assert "RANDOM" in which and model.config.coarse.attention == "linear"
+
+
+def test_image_files_are_read_upright_in_their_bit_depth(tmp_path):
+    """A JPEG with EXIF orientation 6 (stored sideways, as phones do) is read rotated upright, as cv2.imread's
+    defaults and hloc read it; a 16-bit PNG keeps its 16 bits; RGBA ignores alpha."""
+    from matcher.image_io import read_image_gray
+
+    stored = np.zeros((40, 80), np.uint8)
+    stored[:, :20] = 255  # a bright band on the stored image's left
+    ok, jpeg = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    assert ok
+    # an APP1 Exif segment (big-endian TIFF, one IFD entry): Orientation (0x0112), SHORT, 1, value 6
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00" + b"\x00" * 4
+    app1 = b"Exif\x00\x00" + tiff
+    data = jpeg.tobytes()
+    (tmp_path / "sideways.jpg").write_bytes(data[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + data[2:])
+    upright = read_image_gray(tmp_path / "sideways.jpg")
+    assert upright.shape == (80, 40)  # rotated 90 degrees clockwise: the band is now along the top
+    assert upright[:15].mean() > 0.9 and upright[25:].mean() < 0.1
+
+    deep = (np.arange(30 * 50).reshape(30, 50) * 40).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    np.testing.assert_allclose(read_image_gray(tmp_path / "deep.png"), deep / 65535.0, atol=1e-7)
+    bgra = np.dstack([np.full((20, 30, 3), 200, np.uint8), np.zeros((20, 30), np.uint8)])
+    cv2.imwrite(str(tmp_path / "alpha.png"), bgra)
+    np.testing.assert_allclose(read_image_gray(tmp_path / "alpha.png"), 200 / 255.0, atol=1e-6)
+
+
+def test_match_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
+    """Matcher.match on a model left in training mode: batch norm neither uses nor updates batch statistics
+    (the result is the eval-mode one) and the model stays in training mode."""
+    torch.manual_seed(0)
+    m = Matcher(load_config("lite", match_coarse={"thr": 0.0}))
+    image0, image1 = textured_image(96, 128, seed=1), textured_image(96, 128, seed=2)
+    reference = m.eval().match(image0, image1)
+    stats = [b.running_mean.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    m.train()
+    result = m.match(image0, image1)
+    assert m.training
+    np.testing.assert_array_equal(result["keypoints1"], reference["keypoints1"])
+    after = [b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))

@@ -121,3 +121,32 @@ def test_both_matchers_run_in_float32_under_autocast():
     assert len(chunked_ref[0]) > 20
     for a, b in zip(chunked, chunked_ref):
         assert torch.equal(a, b)
+
+
+def _off_border_by_hand(mask: torch.Tensor, border: int) -> torch.Tensor:
+    """Per cell: inside the bounding box of the valid cells, at least ``border`` cells from each of its sides."""
+    b, h, w = mask.shape
+    keep = torch.zeros(b, h, w, dtype=torch.bool)
+    for k in range(b):
+        rows = [r for r in range(h) if mask[k, r].any()]
+        cols = [c for c in range(w) if mask[k, :, c].any()]
+        for r in range(h):
+            for c in range(w):
+                keep[k, r, c] = bool(rows) and rows[0] + border <= r <= rows[-1] - border and cols[0] + border <= c <= cols[-1] - border
+    return keep.reshape(b, h * w)
+
+
+def test_border_removal_follows_the_valid_block_wherever_the_padding_is():
+    from matcher.matching import off_border
+
+    h, w = 12, 16
+    masks = torch.zeros(4, h, w, dtype=torch.bool)
+    masks[0] = True                 # no padding
+    masks[1, :9, :13] = True        # bottom-right padding, as the matcher pads
+    masks[2, 3:10, 4:14] = True     # a letterbox: padding on every side
+    # masks[3]: nothing valid
+    for border in (0, 2):
+        torch.testing.assert_close(off_border(4, h, w, border, masks.reshape(4, -1), "cpu"), _off_border_by_hand(masks, border))
+    keep = off_border(4, h, w, 2, masks.reshape(4, -1), "cpu").reshape(4, h, w)
+    assert keep[2].nonzero().amin(0).tolist() == [5, 6] and keep[2].nonzero().amax(0).tolist() == [7, 11]
+    torch.testing.assert_close(off_border(1, h, w, 2, None, "cpu"), _off_border_by_hand(masks[:1], 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,13 +144,27 @@ def test_blank_images_give_no_matches():
         ({"image0": torch.rand(1, 1, 64, 64), "image1": torch.full((1, 1, 64, 64), float("nan"))}, r"image1 must lie in \[0, 1\]"),
         ({"image0": torch.zeros(1, 1, 64, 64, dtype=torch.uint8), "image1": torch.rand(1, 1, 64, 64)}, "float tensor"),
         ({"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64), "mask0": torch.ones(1, 8, 8, dtype=torch.bool)},
-         r"mask0 must be \(B, H, W\)"),
+         r"mask0 must be a \(B, H, W\) = \(1, 64, 64\) tensor like image0, got \(1, 8, 8\)"),
+        ({"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64), "mask1": np.ones((1, 64, 64), bool)},
+         r"mask1 must be a \(B, H, W\) .* got ndarray"),
+        ({"image0": torch.rand(0, 1, 64, 64), "image1": torch.rand(0, 1, 64, 64)}, r"image0 holds no image \(batch size 0\)"),
+        (torch.rand(1, 1, 64, 64), "the batch must be a dict with 'image0' and 'image1' tensors, got Tensor"),
     ],
 )
 def test_bad_batches_raise(batch, match):
     model = Matcher(load_config("lite")).eval()
     with pytest.raises(ValueError, match=match):
         model(batch)
+
+
+def test_a_none_mask_is_no_mask():
+    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    torch.manual_seed(0)
+    batch = {"image0": torch.rand(1, 1, 64, 96), "image1": torch.rand(1, 1, 64, 96)}
+    with torch.inference_mode():
+        plain, with_none = model(batch), model({**batch, "mask0": None, "mask1": None})
+    assert len(plain["keypoints0"]) > 0
+    torch.testing.assert_close(with_none["keypoints1"], plain["keypoints1"])
 
 
 def test_unknown_config_key_is_an_error():

@@ -282,11 +282,21 @@ def summarize_pose(label: str, records: list[dict[str, Any]], skipped: int) -> d
     }
 
 
-def pose_protocol(args: argparse.Namespace, data_fingerprint: dict[str, Any], image_sizes: Any, num_pairs: int) -> dict[str, Any]:
+def dropped_pairs(dataset: Any) -> int:
+    """Pairs a dataset left out when it was built (MegaDepth: an image, K or pose missing in the scene info)."""
+    return sum(getattr(part, "dropped_incomplete", 0) for part in getattr(dataset, "datasets", [dataset]))
+
+
+def pose_protocol(
+    args: argparse.Namespace, data_fingerprint: dict[str, Any], image_sizes: Any, num_pairs: int, dropped: int = 0
+) -> dict[str, Any]:
     """The protocol block printed under the table."""
+    pairs = pairs_summary(num_pairs, args.max_pairs)
+    if dropped:
+        pairs += f"; {dropped} more left out by the dataset (image, K or pose missing in its index)"
     return {
         "dataset": ", ".join(f"{k}={v}" for k, v in data_fingerprint.items()),
-        "pairs": pairs_summary(num_pairs, args.max_pairs),
+        "pairs": pairs,
         "image sizes given to the matchers": size_summary(image_sizes),
         "matcher resize": "none (the dataset's own resizing)" if args.resize is None else f"long side {args.resize} px",
         "keypoints": "scaled by the dataset's scale0/scale1 into the frames of K0/K1",
@@ -302,7 +312,8 @@ def pose_protocol(args: argparse.Namespace, data_fingerprint: dict[str, Any], im
         "AUC": (
             "area under the recall-vs-error curve up to 5/10/20 degrees, divided by the threshold: errors sorted, "
             "curve from (0, 0) through (e_i, i/N), linear between errors below the threshold, flat after the last "
-            "one; failures count in N; shown in percent"
+            "one; failures count in N, skipped pairs (unreadable, or without a finite pose) do not and are counted "
+            "in the Skipped column; shown in percent"
         ),
         "precision": (
             f"share of matches with squared symmetric epipolar distance (normalised coordinates, true pose) "
@@ -369,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         close_all(caches.values())
     rows = [summarize_pose(label, recs, len(run.skipped)) for label, recs in run.records.items()]
     title = f"Relative pose: {args.dataset}"
-    protocol = pose_protocol(args, data_fingerprint, run.image_sizes, len(dataset))
+    protocol = pose_protocol(args, data_fingerprint, run.image_sizes, len(dataset), dropped_pairs(dataset))
     details = {
         "matchers": dict(zip(matchers, names)),
         "computed": run.computed,

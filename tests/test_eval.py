@@ -596,3 +596,16 @@ def test_pose_precision_threshold_by_dataset(scripts: dict[str, ModuleType]) -> 
     args = parse(["--dataset", "megadepth", "--epi-thr", "2e-4"])
     assert pose.precision_threshold(args) == 2e-4
     assert "< 0.0002," in pose.pose_protocol(args, {}, collections.Counter(), 3)["precision"]
+
+
+def test_pose_protocol_names_pairs_the_dataset_left_out(scripts: dict[str, ModuleType]) -> None:
+    """MegaDepth scenes drop pairs whose image, K or pose is missing when built: the protocol says how many."""
+    from types import SimpleNamespace
+
+    pose = scripts["pose"]
+    scenes = SimpleNamespace(datasets=[SimpleNamespace(dropped_incomplete=2), SimpleNamespace(dropped_incomplete=1), object()])
+    assert pose.dropped_pairs(scenes) == 3 and pose.dropped_pairs(object()) == 0
+    args = pose.build_parser().parse_args(["--dataset", "megadepth"])
+    protocol = pose.pose_protocol(args, {}, collections.Counter(), 1497, pose.dropped_pairs(scenes))
+    assert protocol["pairs"] == "1497 listed; 3 more left out by the dataset (image, K or pose missing in its index)"
+    assert pose.pose_protocol(args, {}, collections.Counter(), 1500)["pairs"] == "1500 listed"

@@ -15,6 +15,10 @@
 A dense matcher finds different points in every pair; to give COLMAP tracks, each image's keypoints from
 all its pairs are merged on a grid of ``--merge-px`` pixels (the merged point is the mean of its members),
 and a pair keeps at most one match per merged keypoint (the most confident).
+
+A pair that fails (an unreadable image, say) is listed and makes the exit status 1; its ``matches0`` holds no
+match (-1 everywhere) and an image seen only in failed pairs gets no keypoints, so that hloc, which reads
+every listed pair and image, can still import the rest. A rerun tries the failed pairs again.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from tqdm import tqdm
 from .allocator import reuse_freed_memory
 
 RAW_KEYS = ("raw_keypoints0", "raw_keypoints1", "raw_scores")
+#: Attribute marking a features file written by this tool (its value: the matches file it goes with).
+KEYPOINTS_MARK = "matcher_match_pairs"
 
 
 def names_to_pair(name0: str, name1: str) -> str:
@@ -154,11 +160,15 @@ def drop_unlisted_matches(pairs: Sequence[tuple[str, str]], out: h5py.File) -> i
     return dropped
 
 
-def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path: Path, merge_px: float) -> dict[str, int]:
+def write_hloc(
+    pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path: Path, merge_px: float, overwrite: bool = False
+) -> dict[str, int]:
     """Merge each image's keypoints over its pairs, write the features file and every pair's matches0 (pairs
-    of ``out`` outside ``pairs`` lose theirs: :func:`drop_unlisted_matches`)."""
+    of ``out`` outside ``pairs`` lose theirs: :func:`drop_unlisted_matches`; pairs not matched get no match).
+    A features file this tool did not write is refused unless ``overwrite`` (:func:`check_keypoints_file`)."""
     if merge_px <= 0:
         raise ValueError(f"the keypoint merge grid must be positive, got {merge_px} px")
+    check_keypoints_file(keypoints_path, overwrite)
     dropped = drop_unlisted_matches(pairs, out)
     done = [p for p in pairs if names_to_pair(*p) + "/raw_scores" in out]
     per_image: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -169,9 +179,15 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
     merged, ids, offsets = {}, {}, defaultdict(int)
     for name, chunks in per_image.items():
         merged[name], ids[name] = merge_keypoints(np.concatenate(chunks), merge_px)
+    for name in {name for pair in pairs for name in pair} - set(merged):  # seen in failed pairs only
+        merged[name] = np.zeros((0, 2), np.float32)
     with h5py.File(keypoints_path, "w") as features:
+        features.attrs[KEYPOINTS_MARK] = out.filename
         for name, points in merged.items():
             features.require_group(name).create_dataset("keypoints", data=points)
+    for name0, name1 in (p for p in pairs if names_to_pair(*p) + "/raw_scores" not in out):
+        num0 = len(merged[name0])
+        _write_matches(out.require_group(names_to_pair(name0, name1)), np.full(num0, -1, np.int32), np.zeros(num0, np.float32))
     total = 0
     for name0, name1 in done:  # same order as above: each pair's slice of an image's ids follows the last
         group = out[names_to_pair(name0, name1)]
@@ -181,12 +197,30 @@ def write_hloc(pairs: Sequence[tuple[str, str]], out: h5py.File, keypoints_path:
         ids1 = ids[name1][offsets[name1] : offsets[name1] + n]
         offsets[name1] += n
         matches0, scores0 = pair_matches(ids0, ids1, group["raw_scores"][()], len(merged[name0]))
-        for key, value in (("matches0", matches0), ("matching_scores0", scores0)):
-            if key in group:
-                del group[key]
-            group.create_dataset(key, data=value)
+        _write_matches(group, matches0, scores0)
         total += int((matches0 >= 0).sum())
     return {"pairs": len(done), "images": len(merged), "matches": total, "unlisted": dropped}
+
+
+def _write_matches(group: h5py.Group, matches0: np.ndarray, scores0: np.ndarray) -> None:
+    for key, value in (("matches0", matches0), ("matching_scores0", scores0)):
+        if key in group:
+            del group[key]
+        group.create_dataset(key, data=value)
+
+
+def check_keypoints_file(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing features file this tool did not write (hloc's own features, say)
+    unless ``overwrite``; an empty file or one this tool wrote is replaced."""
+    if overwrite or not path.exists():
+        return
+    try:
+        with h5py.File(path, "r") as existing:
+            ours = KEYPOINTS_MARK in existing.attrs or not len(existing.keys())
+    except OSError:
+        ours = path.stat().st_size == 0
+    if not ours:
+        raise ValueError(f"{path} holds data this tool did not write; use --overwrite to replace it or another --keypoints-out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = canonical_json({**matcher_fingerprint(matcher, "matcher"), "resize": resize,
                                       "coordinates": "pixel centres"})
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        check_keypoints_file(keypoints_path, args.overwrite)  # before any matching: fail early
         with h5py.File(out_path, "a") as out:
             _check_fingerprint(out, fingerprint, args.overwrite)
             todo = len(pending_pairs(pairs, out))
@@ -239,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{done} of {len(pairs)} pairs already matched in {out_path}; nothing to match, writing the hloc files")
             failures = match_all(matcher, pairs, image_dir, out, resize)
-            counts = write_hloc(pairs, out, keypoints_path, args.merge_px)
+            counts = write_hloc(pairs, out, keypoints_path, args.merge_px, args.overwrite)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -247,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {line}", file=sys.stderr)
     print(
         f"{counts['pairs']} pairs, {counts['images']} images, {counts['matches']} matches -> {out_path}, "
-        f"keypoints -> {keypoints_path}" + (f"; {len(failures)} pairs failed (listed above)" if failures else "")
+        f"keypoints -> {keypoints_path}"
+        + (f"; {len(failures)} pairs failed (listed above; written without matches, a rerun tries them again)" if failures else "")
     )
     if counts["unlisted"]:
         print(f"{counts['unlisted']} pairs matched by an earlier run are not in {args.pairs}: their matches0 were removed "

@@ -7,6 +7,7 @@ Masks are ``(B, N)`` bool, False = padded token.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -248,15 +249,15 @@ class LocalFeatureTransformer(nn.Module):
         self.layer_names = list(layer_names)
         self.is_quadtree = attention == "quadtree"
         if self.is_quadtree:
-            make = lambda: QuadtreeBlock(d_model, nhead, list(topks), attn_type, mlp_ratio, kernel)  # noqa: E731
+            # as LoFTR-QuadTree: one block drawn once and copied, so every layer starts from the same weights
+            block = QuadtreeBlock(d_model, nhead, list(topks), attn_type, mlp_ratio, kernel)
+            block.apply(_init_quadtree_weights)
         else:
-            make = lambda: LoFTREncoderLayer(d_model, nhead, attention)  # noqa: E731
-        self.layers = nn.ModuleList([make() for _ in self.layer_names])
+            block = LoFTREncoderLayer(d_model, nhead, attention)
+        self.layers = nn.ModuleList([copy.deepcopy(block) for _ in self.layer_names])
         self.divisibility = 2 ** (len(topks) - 1) if self.is_quadtree else 1
-        if self.is_quadtree:
-            self.apply(_init_quadtree_weights)
-        else:
-            init_xavier_(self)
+        if not self.is_quadtree:
+            init_xavier_(self)  # LoFTR's layers are copies too, then drawn anew, each its own
 
     def forward(
         self,

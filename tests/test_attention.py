@@ -377,8 +377,12 @@ def test_transformer_initialisation_follows_the_published_code():
     for bias in (block.attn.proj.bias, block.mlp.fc1.bias, block.mlp.fc2.bias, block.mlp.dwconv.dwconv.bias, block.norm1.bias):
         assert not bias.any()
     assert (block.norm1.weight == 1).all() and block.attn.py_att.weight.shape == (3,)
+    # LoFTR-QuadTree copies one block into every layer: all layers start equal (and are separate parameters)
+    for name, p in quadtree.layers[1].named_parameters():
+        assert torch.equal(p, dict(block.named_parameters())[name]) and p.data_ptr() != dict(block.named_parameters())[name].data_ptr()
 
     linear = LocalFeatureTransformer(256, 8, ["self", "cross"], "linear")
     w = linear.layers[0].q_proj.weight
     bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
     assert w.abs().max() <= bound and abs(w.std().item() - bound / 3 ** 0.5) < 0.003
+    assert not torch.equal(w, linear.layers[1].q_proj.weight)  # LoFTR draws each layer anew after copying

@@ -107,6 +107,43 @@ def test_cli_resumes_counts_failures_and_refuses_other_settings(tmp_path, monkey
     assert "different matcher or settings" in capsys.readouterr().err
 
 
+def test_a_failed_pair_is_written_without_matches_so_hloc_can_read_the_rest(tmp_path, monkeypatch, capsys):
+    """hloc reads every listed pair and image: a failed pair gets matches0 of -1 (as long as image0's keypoints)
+    and an image seen only in failed pairs gets no keypoints; the exit status stays 1."""
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.txt").write_text("a.png b.png\na.png missing.png\nmissing.png b.png\n")
+    monkeypatch.setattr("matcher.model.matcher_with_description", lambda w, c: (_Wrapped(ShiftMatcher()), "a stub"))
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5")]
+    assert mp.main(args) == 1
+    assert "2 pairs failed (listed above; written without matches" in capsys.readouterr().out
+    with h5py.File(tmp_path / "m.h5") as m, h5py.File(tmp_path / "m-keypoints.h5") as k:
+        assert k["missing.png/keypoints"].shape == (0, 2) and len(k["a.png/keypoints"]) == 12
+        assert (m["a.png/missing.png/matches0"][()] == -1).all() and len(m["a.png/missing.png/matches0"]) == 12
+        assert m["missing.png/b.png/matches0"].shape == (0,) and "raw_scores" not in m["a.png/missing.png"]
+        assert (m["a.png/b.png/matches0"][()] >= 0).sum() == 12
+
+
+def test_cli_never_replaces_a_foreign_keypoints_file(tmp_path, monkeypatch, capsys):
+    """--keypoints-out naming hloc's own features file is refused before matching (unless --overwrite);
+    the file this tool wrote is replaced on the next run."""
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    matcher = ShiftMatcher()
+    monkeypatch.setattr("matcher.model.matcher_with_description", lambda w, c: (_Wrapped(matcher), "a stub"))
+    features = tmp_path / "feats-superpoint.h5"
+    with h5py.File(features, "w") as f:
+        f.create_dataset("x.jpg/keypoints", data=np.zeros((3, 2), np.float32))
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5"),
+            "--keypoints-out", str(features)]
+    assert mp.main(args) == 2 and matcher.calls == 0
+    assert "feats-superpoint.h5 holds data this tool did not write" in capsys.readouterr().err
+    with h5py.File(features) as f:
+        assert list(f) == ["x.jpg"]
+    assert mp.main(args + ["--overwrite"]) == 0 and mp.main(args) == 0  # then it is ours: replaced freely
+    with h5py.File(features) as f:
+        assert sorted(f) == ["a.png", "b.png"]
+
+
 def test_a_later_pair_list_leaves_no_stale_matches(tmp_path):
     """matches0 index the keypoints file the run writes: pairs of an earlier list that are not in this one lose
     theirs (hloc then fails on them instead of reading wrong keypoints) and get them back when listed again."""

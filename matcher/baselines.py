@@ -158,12 +158,13 @@ class _OpenCVFeatureMatcher:
 
 class SIFTMatcher(_OpenCVFeatureMatcher):
     """OpenCV SIFT keypoints (at most ``max_keypoints``, strongest first) matched with Lowe's ratio test
-    (default 0.8) or mutual nearest neighbours (``cross_check=True``; confidence ``1 - d / 512``, the
-    largest L2 distance of SIFT's normalised 0..255 descriptors being about 512)."""
+    (default 0.8) or mutual nearest neighbours (``cross_check=True``; confidence ``1 - d / (512 sqrt 2)``:
+    OpenCV's SIFT descriptors are non-negative with norm about 512, so two of them lie at most 512 sqrt 2
+    apart, orthogonal)."""
 
     name = "sift"
     norm = cv2.NORM_L2
-    max_distance = 512.0
+    max_distance = 512.0 * 2**0.5
 
     def __init__(self, max_keypoints: int = 4096, ratio: float = 0.8, cross_check: bool = False, resize: int | None = None) -> None:
         super().__init__(ratio, cross_check, resize)

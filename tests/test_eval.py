@@ -458,6 +458,30 @@ def test_cross_check_matching_and_settings() -> None:
         SIFTMatcher(ratio=1.5)
 
 
+def test_sift_cross_check_confidence_spans_the_descriptor_distances() -> None:
+    """SIFT descriptors are non-negative with norm 512: the farthest two (orthogonal) lie 512 sqrt 2 apart and
+    get confidence 0, equal ones 1, and a distance above 512 (41% of real pairs) still a positive one."""
+    import cv2
+
+    from matcher.baselines import SIFTMatcher, cross_check_matches
+
+    desc0 = np.zeros((2, 128), np.float32)
+    desc0[0, 0], desc0[1, 1] = 512.0, 512.0
+    desc1 = desc0[[1, 0]].copy()
+    desc1[0] = 0.0
+    desc1[0, 2] = 512.0  # orthogonal to every desc0 row
+    idx0, idx1, conf = cross_check_matches(desc0[:2], desc1[1:], cv2.NORM_L2, SIFTMatcher.max_distance)
+    assert idx0.tolist() == [0] and conf.tolist() == [1.0]
+    _, _, far = cross_check_matches(desc0[:1], desc1[:1], cv2.NORM_L2, SIFTMatcher.max_distance)
+    np.testing.assert_allclose(far, [0.0], atol=1e-6)
+    angle = np.radians(75)  # 1024 sin(37.5 deg) = 623 apart
+    wide0, wide1 = np.zeros((1, 128), np.float32), np.zeros((1, 128), np.float32)
+    wide0[0, 0], wide1[0, :2] = 512.0, (512.0 * np.cos(angle), 512.0 * np.sin(angle))
+    _, _, wide = cross_check_matches(wide0, wide1, cv2.NORM_L2, SIFTMatcher.max_distance)
+    np.testing.assert_allclose(wide, [1 - 1024 * np.sin(angle / 2) / (512 * 2**0.5)], rtol=1e-5)
+    assert wide[0] > 0.1
+
+
 def test_build_matcher_dispatch(tmp_path: Path) -> None:
     from matcher.baselines import ORBMatcher, SIFTMatcher, build_matcher
 

@@ -55,7 +55,9 @@ def test_onnx_export_of_auto_precision_traces_float32(tmp_path):
     with torch.inference_mode():
         ref = model({"image0": image0, "image1": image1})
     assert len(ref["keypoints0"]) > 0 and got[0].shape == tuple(ref["keypoints0"].shape)
-    np.testing.assert_allclose(got[1], ref["keypoints1"].numpy(), atol=1e-3)
+    # fine offsets: the two runtimes' float32 rounding through the window softmax (as above); bf16 features
+    # would move them by far more
+    np.testing.assert_allclose(got[1], ref["keypoints1"].numpy(), atol=5e-3)
 
 
 def test_export_refuses_training_mode_and_bf16_features(tmp_path):

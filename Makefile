@@ -1,11 +1,13 @@
-# Set-up installs the CPU build of PyTorch first (an unpinned torch would pull a multi-GB CUDA build),
-# then the package in editable mode with its test extras.
+# Set-up installs PyTorch 2.13.0 first (an unpinned torch would pull the newest, multi-GB CUDA build), then the
+# package in editable mode with its test extras. TORCH_INDEX: an index to take torch from, e.g.
+# https://download.pytorch.org/whl/cpu for the CPU build where PyPI's Linux wheel would bring CUDA.
 PYTHON ?= python3
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-all gpu-check
 
 install:
-	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 demo: install

@@ -11,8 +11,10 @@ with :func:`matcher.data_factory.build_datasets` (so index files are found and r
 and walks every pair's file paths WITHOUT decoding them:
 ScanNet colour / pose (and depth where the dataset reads it), MegaDepth images (and depth h5 where read),
 the image files of a homography folder. Prints, per split, the number of datasets (scenes), pairs and
-distinct files, and the first missing files. Exit status: 0 when everything is present, 1 when a file
-(or an index file, which makes building fail) is missing, 2 for a bad config.
+distinct files, the training scenes left without a pair (by the overlap filter, say), and the first missing
+files. Exit status: 0 when everything is present, 1 when a file (or an index file, which makes building
+fail) is missing or no training pair is left (training would refuse to start), 2 for a bad config or an
+index file that cannot be used.
 """
 
 from __future__ import annotations
@@ -157,19 +159,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {len(absent)} path(s) of the config missing")
         return 1
     try:
-        train, _, _, val = build_datasets(cfg)
+        train, groups, _, val = build_datasets(cfg)
     except FileNotFoundError as err:
         print(f"missing: {err}")
         return 1
-    except (ValueError, KeyError, AttributeError) as err:  # bad values, keys missing from the config
-        print(f"error: cannot build the datasets: {err}", file=sys.stderr)
+    except (ValueError, KeyError, AttributeError, TypeError, IndexError) as err:
+        # bad values or keys missing from the config, or an index file that cannot be used
+        print(f"error: cannot build the datasets (a bad config value or an unusable index file): {err}", file=sys.stderr)
         return 2
     reports = [check_split("train", train), check_split("val", val)]
     for report in reports:
         print_report(report, args.show)
+    empty = sum(1 for group in groups if not len(group))
+    if empty:
+        print(f"  note: {empty} of {len(groups)} training scene(s) have no pair (overlap filter, or an empty index); "
+              "under DDP a rank draws their share from its other scenes")
     missing = sum(len(r.missing) for r in reports)
-    print("OK: every file is present" if not missing else f"FAILED: {missing} missing file(s)")
-    return 1 if missing else 0
+    failures = [f"{missing} missing file(s)"] if missing else []
+    if not reports[0].pairs:
+        failures.append("no training pair is left (min_overlap_score, max_overlap_score or train_list?): training "
+                        "would refuse to start")
+    print(f"FAILED: {'; '.join(failures)}" if failures else "OK: every file is present")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

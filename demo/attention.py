@@ -22,15 +22,18 @@ from matcher.image_io import load_gray, resize_long_side  # noqa: E402
 from matcher.model import matcher_with_description  # noqa: E402
 
 
-def level_cells(selection: list[torch.Tensor], hw0: tuple[int, int], hw1: tuple[int, int], qx: int, qy: int, head: int):
+def level_cells(
+    selection: list[torch.Tensor], hw_query: tuple[int, int], hw_keys: tuple[int, int], qx: int, qy: int, head: int
+):
     """Key cells ``[(level, size_px, [(kx, ky), ...]), ...]`` coarsest first for the query at coarse cell
-    (qx, qy); the finest level lists the candidates (children of the keys picked one level up)."""
+    (qx, qy) of a grid ``hw_query``, keys on the grid ``hw_keys`` (image1's in a cross layer, image0's in a
+    self layer); the finest level lists the candidates (children of the keys picked one level up)."""
     num_sel = len(selection)
     out = []
     for step, sel in enumerate(selection):
         level = num_sel - step  # selection[0] is the coarsest level, L-1 == num_sel
-        w_q = hw0[1] >> level
-        w_k = hw1[1] >> level
+        w_q = hw_query[1] >> level
+        w_k = hw_keys[1] >> level
         q = (qy >> level) * w_q + (qx >> level)
         keys = sel[head, q].tolist()
         out.append((level, 8 << level, [(k % w_k, k // w_k) for k in keys]))
@@ -38,6 +41,14 @@ def level_cells(selection: list[torch.Tensor], hw0: tuple[int, int], hw1: tuple[
     children = [(2 * kx + dx, 2 * ky + dy) for kx, ky in last for dy in (0, 1) for dx in (0, 1)]
     out.append((0, 8, children))
     return out
+
+
+def layer_cells(model: torch.nn.Module, result: dict, layer_index: int, qx: int, qy: int, head: int):
+    """``(kind, levels)``: the layer's kind (self / cross) and :func:`level_cells` on the grid its keys come
+    from, for ``result`` of ``model.attention_selection``."""
+    kind = model.loftr_coarse.layer_names[layer_index]
+    hw_keys = result["hw1"] if kind == "cross" else result["hw0"]
+    return kind, level_cells(result["selection"], result["hw0"], hw_keys, qx, qy, head)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    levels = level_cells(result["selection"], result["hw0"], result["hw1"], qx, qy, args.head)
-    kind = model.loftr_coarse.layer_names[args.layer]
+    kind, levels = layer_cells(model, result, args.layer, qx, qy, args.head)
     target = g1 if kind == "cross" else g0
     fig, axes = plt.subplots(1, len(levels) + 1, figsize=(4 * (len(levels) + 1), 3.4))
     axes[0].imshow(g0, cmap="gray")

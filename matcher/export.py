@@ -35,7 +35,9 @@ def export_onnx(
 
     Inputs ``image0`` ``(1, 1, H0, W0)``, ``image1`` ``(1, 1, H1, W1)`` float32 in [0, 1]; outputs
     ``keypoints0``, ``keypoints1``, ``confidence``, ``batch_indexes`` with a dynamic number of matches
-    (zero included). The graph is traced on CPU; a model on another device is copied, not moved.
+    (zero included). The graph has no mask inputs: give each image at its own size (``size1`` may differ)
+    rather than zero-padded to a common one, since padding would be matched like image content. The graph is
+    traced on CPU; a model on another device is copied, not moved.
     """
     if matcher.training:
         raise ValueError("export a matcher in eval mode (call .eval())")

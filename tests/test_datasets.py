@@ -789,6 +789,11 @@ def test_check_layout_on_scannet(check_layout: ModuleType, tmp_path: Path, capsy
     listed.write_text("scene0042_00\n")  # the list exists, the index file it names does not: building fails
     assert check_layout.main([str(config), f"train_list={listed}"]) == 1
     assert "scene0042_00.npz" in capsys.readouterr().out
+    # an overlap filter that leaves no training pair: training would refuse to start, so the check fails too
+    assert check_layout.main([str(config), "min_overlap_score=0.99"]) == 1
+    out = capsys.readouterr().out
+    assert "train: 2 dataset(s), 0 pair(s)" in out and "2 of 2 training scene(s) have no pair" in out
+    assert "no training pair is left" in out and "FAILED" in out and "OK" not in out
 
 
 def test_check_layout_on_megadepth_and_homography(check_layout: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

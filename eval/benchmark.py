@@ -160,7 +160,7 @@ def _init_like_kornia(transformer: torch.nn.Module) -> None:
     """Re-draw the coarse transformer as kornia's LoFTR draws its own (torch's default initialisation, then
     Xavier uniform over every matrix), so that both models are timed with weights drawn alike. With
     LoFTR-QuadTree's own initialisation (the training default) the random features are far more distinctive:
-    3,187 mutual nearest neighbours on the 640x480 pair instead of about 550 (trained weights: about 1,400),
+    3,187 mutual nearest neighbours on the 640x480 pair instead of 500-590 (trained weights: about 1,400),
     and the fine stage's share of the time grows with them."""
     from matcher.transformer import init_xavier_
 

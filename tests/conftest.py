@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -65,3 +69,13 @@ def reference_layout() -> dict[str, tuple[int, ...]]:
         name, shape, _ = line.split("\t")
         layout[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     return layout
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script that is not part of the package (eval/pose.py, datasets/check_layout.py, demo/attention.py),
+    loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -8,11 +8,9 @@ computed independently of the code under test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,17 +30,10 @@ from matcher.data.scannet import ScanNetDataset
 from matcher.data_factory import VIRTUAL_TRAIN_SCENES, build_datasets, rank_scenes
 from matcher.training import DataError, MatcherDataModule
 
+from .conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "data"
-
-
-def load_script(path: Path, name: str) -> ModuleType:
-    """A script that is not part of the package (eval/pose.py, datasets/check_layout.py), loaded from its file."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def texture(h: int, w: int, seed: int, cell: int = 4) -> np.ndarray:

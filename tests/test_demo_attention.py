@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,14 @@ import torch
 
 from matcher import Matcher, load_config
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def attention_demo():
-    spec = importlib.util.spec_from_file_location("attention_demo", ROOT / "demo" / "attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "demo" / "attention.py", "attention_demo")
 
 
 @pytest.mark.parametrize("layer", [0, 1])  # a self layer (keys on image0's grid), a cross layer (image1's)

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from .allocator import reuse_freed_memory
 
 RAW_KEYS = ("raw_keypoints0", "raw_keypoints1", "raw_scores")
-#: Attribute marking a features file written by this tool (its value: the matches file it goes with).
-KEYPOINTS_MARK = "matcher_match_pairs"
+#: Attribute of both files this tool writes: the matcher settings of the run (what a resumed run must match).
+FINGERPRINT_ATTR = "matcher_fingerprint"
 
 
 def names_to_pair(name0: str, name1: str) -> str:
@@ -98,16 +98,21 @@ def pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num0: i
     return matches0, scores0
 
 
+def _written_elsewhere(file: h5py.File) -> bool:
+    """Whether ``file`` holds data this tool did not write (not empty, yet without our fingerprint)."""
+    return FINGERPRINT_ATTR not in file.attrs and len(file.keys()) > 0
+
+
 def _check_fingerprint(file: h5py.File, fingerprint: str, overwrite: bool) -> None:
     """Start an empty (or, with ``overwrite``, emptied) file; refuse one written with other settings or by
     another tool (an existing hloc matches file is never wiped without ``--overwrite``)."""
-    stored = file.attrs.get("matcher_fingerprint")
-    if overwrite or (stored is None and not len(file.keys())):
+    if not overwrite and _written_elsewhere(file):
+        raise ValueError(f"{file.filename} holds data this tool did not write; use --overwrite to replace it or another --out")
+    stored = file.attrs.get(FINGERPRINT_ATTR)
+    if overwrite or stored is None:
         for key in list(file.keys()):
             del file[key]
-        file.attrs["matcher_fingerprint"] = fingerprint
-    elif stored is None:
-        raise ValueError(f"{file.filename} holds data this tool did not write; use --overwrite to replace it or another --out")
+        file.attrs[FINGERPRINT_ATTR] = fingerprint
     elif stored != fingerprint:
         raise ValueError(
             f"{file.filename} was written by a different matcher or settings; use --overwrite to start again "
@@ -170,7 +175,9 @@ def write_hloc(
         raise ValueError(f"the keypoint merge grid must be positive, got {merge_px} px")
     check_keypoints_file(keypoints_path, overwrite)
     dropped = drop_unlisted_matches(pairs, out)
-    done = [p for p in pairs if names_to_pair(*p) + "/raw_scores" in out]
+    matched = [names_to_pair(*p) + "/raw_scores" in out for p in pairs]
+    done = [p for p, ok in zip(pairs, matched) if ok]
+    failed = [p for p, ok in zip(pairs, matched) if not ok]
     per_image: dict[str, list[np.ndarray]] = defaultdict(list)
     for name0, name1 in done:
         group = out[names_to_pair(name0, name1)]
@@ -179,13 +186,13 @@ def write_hloc(
     merged, ids, offsets = {}, {}, defaultdict(int)
     for name, chunks in per_image.items():
         merged[name], ids[name] = merge_keypoints(np.concatenate(chunks), merge_px)
-    for name in {name for pair in pairs for name in pair} - set(merged):  # seen in failed pairs only
+    for name in {name for pair in failed for name in pair} - set(merged):  # seen in failed pairs only
         merged[name] = np.zeros((0, 2), np.float32)
     with h5py.File(keypoints_path, "w") as features:
-        features.attrs[KEYPOINTS_MARK] = out.filename
+        features.attrs[FINGERPRINT_ATTR] = out.attrs.get(FINGERPRINT_ATTR, "")
         for name, points in merged.items():
             features.require_group(name).create_dataset("keypoints", data=points)
-    for name0, name1 in (p for p in pairs if names_to_pair(*p) + "/raw_scores" not in out):
+    for name0, name1 in failed:
         num0 = len(merged[name0])
         _write_matches(out.require_group(names_to_pair(name0, name1)), np.full(num0, -1, np.int32), np.zeros(num0, np.float32))
     total = 0
@@ -216,10 +223,10 @@ def check_keypoints_file(path: Path, overwrite: bool) -> None:
         return
     try:
         with h5py.File(path, "r") as existing:
-            ours = KEYPOINTS_MARK in existing.attrs or not len(existing.keys())
-    except OSError:
-        ours = path.stat().st_size == 0
-    if not ours:
+            foreign = _written_elsewhere(existing)
+    except OSError:  # not an h5 file
+        foreign = path.stat().st_size > 0
+    if foreign:
         raise ValueError(f"{path} holds data this tool did not write; use --overwrite to replace it or another --keypoints-out")
 
 

@@ -53,7 +53,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> bool:
-    return dtype in ONEDNN_DTYPES and onednn_available() and cpu_inference(x, *params)
+    # outside autocast the torch op refuses mixed dtypes: leave it to say so rather than cast
+    same_dtype = torch.is_autocast_enabled("cpu") or all(p is None or p.dtype == x.dtype for p in params)
+    return same_dtype and dtype in ONEDNN_DTYPES and onednn_available() and cpu_inference(x, *params)
 
 
 def _cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -83,7 +85,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Args:
         x: ``(..., in)``; weight: ``(out, in)``; bias: ``(out,)`` or None.
     Returns:
-        ``(..., out)``, in the dtype ``F.linear`` would give (autocast's included).
+        ``(..., out)``, in the dtype ``F.linear`` would give (autocast's included). On the oneDNN path the
+        fused ReLU maps NaN to 0 where ``F.relu`` keeps it (checkpoints with NaN are refused at loading).
     """
     _check(activation)
     dtype = _compute_dtype(x)
@@ -101,8 +104,9 @@ def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ``(r, L)`` or ``(B, r, L)``. Through oneDNN's linear with ``b`` as the weight where :func:`linear`
         would use it (1.6-1.8x MKL's float32 rate for these shapes on an AMD EPYC), else torch's matmul.
     """
-    if not _applies(a, (b,), _compute_dtype(a)):
-        return a @ b.transpose(-1, -2)
+    batched_alike = a.dim() == b.dim() and (a.dim() == 2 or len(a) == len(b))
+    if not (batched_alike and _applies(a, (b,), _compute_dtype(a))):
+        return a @ b.transpose(-1, -2)  # broadcasts, or says why the shapes do not fit
     if a.dim() == 2:
         return _linear_op(a, b, None, "none", [], None)
     return torch.stack([_linear_op(x, y, None, "none", [], None) for x, y in zip(a, b)])
@@ -116,7 +120,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
         x: ``(B, C_in, H, W)`` (channels-last memory gives channels-last output); weight
             ``(C_out, C_in / groups, k, k)``; bias ``(C_out,)`` or None.
     Returns:
-        ``(B, C_out, H', W')``, in the dtype ``F.conv2d`` would give.
+        ``(B, C_out, H', W')``, in the dtype ``F.conv2d`` would give (the fused ReLU maps NaN to 0, as in
+        :func:`linear`).
     """
     _check(activation)
     dtype = _compute_dtype(x)

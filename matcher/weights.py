@@ -36,7 +36,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             reason = _unpickler_reason(err)
-            if "Unsupported global" not in reason:  # not a pickle at all, or a broken one
+            if "unsupported global" not in reason.lower():  # not a pickle at all, or a broken one
                 raise ValueError(f"cannot read checkpoint {path} (not a PyTorch checkpoint, truncated or corrupt?): "
                                  f"{reason}") from None
             raise ValueError(
@@ -54,15 +54,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _unpickler_reason(err: Exception) -> str:
-    """The cause torch's weights-only unpickler gives (``Unsupported global: GLOBAL os.system ...`` for a
-    class it refuses, ``Unsupported operand ...`` for bytes that are no pickle), without torch's advice to
-    load with ``weights_only=False``, which would run whatever the file holds."""
+    """The cause torch's weights-only unpickler gives (``Unsupported global: GLOBAL pathlib.Path ...`` for a
+    class it refuses, ``Trying to load unsupported GLOBAL posix.system whose module posix is blocked`` for the
+    modules it never allows, ``Unsupported operand ...`` for bytes that are no pickle), without torch's advice
+    to load with ``weights_only=False``, which would run whatever the file holds."""
     text = one_line(err)
-    marker = "WeightsUnpickler error:"
-    if marker not in text:
-        return text or type(err).__name__
-    reason = text.split(marker, 1)[1].strip()
-    return reason.split(" Please use", 1)[0].split(" Check the documentation", 1)[0].strip()
+    for marker in ("WeightsUnpickler error:", "Trying to load unsupported GLOBAL"):
+        if marker in text:
+            reason = text[text.index(marker) :].removeprefix("WeightsUnpickler error:").strip()
+            return reason.split(" Please use", 1)[0].split(" Check the documentation", 1)[0].strip()
+    return text or type(err).__name__
 
 
 def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str | None:
@@ -75,12 +76,7 @@ def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], limit: i
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    parts = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts) if parts else None
+    return _summary({"missing": missing, "unexpected": unexpected, "shape mismatch": shapes}, limit)
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -89,7 +85,35 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     problem = describe_mismatch(model, state)
     if problem:
         raise ValueError(f"{source} does not fit this model config: {problem}")
+    problem = describe_bad_values(model, state)
+    if problem:
+        raise ValueError(f"{source} holds unusable weights: {problem}")
     model.load_state_dict(state, strict=True)
+
+
+def describe_bad_values(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> str | None:
+    """A message naming the first entries whose kind of number differs from the model's (integer weights
+    for floating ones, or the reverse) or that hold NaN or infinity (a diverged run), or None if all fit:
+    ``load_state_dict`` would cast the first silently, and the second gives plausible-looking matches on
+    paths whose fused ReLU maps NaN to 0."""
+    expected = model.state_dict()
+    kinds = [
+        f"{k}: checkpoint {v.dtype} vs model {expected[k].dtype}"
+        for k, v in state.items()
+        if v.is_floating_point() != expected[k].is_floating_point()
+    ]
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return _summary({"with the wrong kind of number": kinds, "with NaN or infinite values": non_finite}, limit)
+
+
+def _summary(problems: dict[str, list[str]], limit: int) -> str | None:
+    """``'<count> <title>: <first items> (+<n> more)'`` for each non-empty list, joined by '; ' (None if none)."""
+    parts = []
+    for title, items in problems.items():
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) if parts else None
 
 
 def _umask() -> int:

@@ -148,3 +148,21 @@ def test_products_match_float64_reference(batch, monkeypatch):
     onednn.products(leaf, b).sum().backward()
     torch.testing.assert_close(leaf.grad, b.sum(-2, keepdim=True).expand_as(a))
     assert len(calls) == (1 if batch is None else batch)
+
+
+@needs_onednn
+def test_shapes_and_dtypes_the_plain_ops_refuse_or_broadcast_keep_their_behaviour(monkeypatch):
+    # the fast path must not drop batch entries (zip) or cast a weight the plain op would refuse
+    g = _gen(6)
+    calls = _took_onednn(monkeypatch)
+    with torch.inference_mode():
+        a = torch.randn(2, 12, 16, generator=g)
+        for b in (torch.randn(1, 20, 16, generator=g), torch.randn(20, 16, generator=g)):
+            torch.testing.assert_close(onednn.products(a, b), a @ b.transpose(-1, -2))
+        with pytest.raises(RuntimeError):
+            onednn.products(a, torch.randn(3, 20, 16, generator=g))
+        x = torch.randn(5, 16, generator=g)
+        for dtype in (torch.float64, torch.float16):
+            with pytest.raises(RuntimeError, match="dtype"):
+                onednn.linear(x, torch.randn(8, 16, generator=g, dtype=dtype), None, "relu")
+    assert calls == []

@@ -196,10 +196,19 @@ def build_trainer(cfg, run_dir: Path) -> pl.Trainer:
         callbacks=[ValidateAtEnd(), *checkpoints, LearningRateMonitor(), TQDMProgressBar(refresh_rate=1)],
     )
     # Lightning's resolved strategy (strategy "auto" on several devices is DDP) is known once the trainer is built
-    trainer = pl.Trainer(**options, sync_batchnorm=False)
+    trainer = _lightning_trainer(options, sync_batchnorm=False)
     if sync_batchnorm(t.sync_batchnorm, trainer.world_size, trainer.strategy.root_device.type):
-        return pl.Trainer(**options, sync_batchnorm=True)
+        return _lightning_trainer(options, sync_batchnorm=True)
     return trainer
+
+
+def _lightning_trainer(options: dict, sync_batchnorm: bool) -> pl.Trainer:
+    """``pl.Trainer(**options)``; the values Lightning refuses (devices, precision, accelerator, ...) raise one
+    ConfigError line instead of a traceback."""
+    try:
+        return pl.Trainer(**options, sync_batchnorm=sync_batchnorm)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid training config (trainer.*): {one_line(err)}") from None
 
 
 def sync_batchnorm(setting: bool | str, world_size: int, device_type: str) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
+
+from .triton_support import KERNELS
 
 #: Folder holding ``configs/model/*.yaml`` in a source checkout (the package is installed editable).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -41,7 +43,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "border_rm": 2,  # coarse cells removed at each (unpadded) border
         "match_type": "dual_softmax",  # the only matching layer implemented
         "dsmax_temperature": 0.1,  # similarity temperature of the dual softmax
-        "train_coarse_percent": 0.3,  # training: share of max(L0, L1) coarse matches sent to the fine stage
+        "train_coarse_percent": 0.2,  # training: share of max(L0, L1) coarse matches sent to the fine stage (published default; outdoor 0.3)
         "train_pad_num_gt_min": 200,  # training: at least this many ground-truth matches are padded in
     },
     "fine": {
@@ -132,27 +134,110 @@ def _merge_error(err: Exception, base: DictConfig, what: str, source: str | None
     return f"{where}: {first}" + (f" (key {key!r})" if key else "")
 
 
+def _type_error(value: Any, ref: Any) -> str | None:
+    """What ``value`` should be when it does not have the kind of its default ``ref`` (a bool for a bool, an
+    integer for an int, a number for a float), or None when it fits or ``ref`` is no number (strings are
+    checked by the code reading them)."""
+    if isinstance(ref, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(ref, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(ref, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None
+
+
+def check_types(cfg: DictConfig, reference: Any, which: str, prefix: str = "", nullable: tuple[str, ...] = ()) -> None:
+    """Every key of ``cfg`` that ``reference`` (the defaults) has must keep its default's kind: a mapping stays
+    a mapping, a list a list (of the kind of its default's first element), a bool a bool, an int an integer, a
+    float a number; null only where the default is null or the key starts with one of ``nullable``. Raises one
+    :class:`ConfigError` naming ``which`` config and the key."""
+    for key, ref in reference.items():
+        if key not in cfg:
+            continue
+        value, full = cfg[key], f"{prefix}{key}"
+        if ref is None or (value is None and full.startswith(nullable)):
+            continue
+        if isinstance(ref, (dict, DictConfig)):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"invalid {which}: {full} must be a mapping of keys, got {value!r}")
+            check_types(value, ref, which, f"{full}.", nullable)
+            continue
+        if isinstance(ref, (list, ListConfig)):
+            if not isinstance(value, ListConfig):
+                raise ConfigError(f"invalid {which}: {full} must be a list, got {value!r}")
+            wrong = [_type_error(v, ref[0]) for v in value if len(ref) and _type_error(v, ref[0])]
+            if wrong:
+                raise ConfigError(f"invalid {which}: {full} must be a list whose entries are {wrong[0]}, got {list(value)!r}")
+            continue
+        wanted = _type_error(value, ref)
+        if wanted:
+            raise ConfigError(f"invalid {which}: {full} must be {wanted}, got {value!r}")
+
+
+#: Model-config keys that take null besides their default's type.
+NULLABLE_MODEL_KEYS = ("inference.resize",)
+
+#: Values of ``inference.feature_dtype``: the precision of the backbone and the coarse transformer in eval mode
+#: ("auto": :func:`matcher.model.resolve_feature_dtype`).
+FEATURE_DTYPES = ("auto", "float32", "bfloat16")
+
+#: Allowed values of the model config's string keys.
+MODEL_CHOICES = {
+    "coarse.attention": ("quadtree", "linear", "full"),
+    "coarse.attn_type": ("A", "B"),
+    "coarse.kernel": KERNELS,
+    "fine.attention": ("linear", "full"),
+    "match_coarse.match_type": ("dual_softmax",),
+    "inference.feature_dtype": FEATURE_DTYPES,
+}
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Raise a ValueError for values that would build a broken model."""
+    """Raise a :class:`ConfigError` (a ValueError) for values that would build a broken model: a wrong type, a
+    value out of its range, an unknown choice, inconsistent widths."""
+    check_types(cfg, DEFAULT_CONFIG, "model config", nullable=NULLABLE_MODEL_KEYS)
+    for key, choices in MODEL_CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"invalid model config: {key} must be one of {', '.join(choices)}, got {value!r}")
+    _check_widths(cfg)
+    _check_ranges(cfg)
+
+
+def _check_widths(cfg: DictConfig) -> None:
     coarse, fine = cfg.coarse, cfg.fine
     if list(cfg.resolution) != [8, 2]:
-        raise ValueError(f"resolution must be [8, 2] (the backbone's strides), got {list(cfg.resolution)}")
+        raise ConfigError(f"resolution must be [8, 2] (the backbone's strides), got {list(cfg.resolution)}")
+    dims = [cfg.resnetfpn.initial_dim, *cfg.resnetfpn.block_dims]
+    if len(cfg.resnetfpn.block_dims) != 3 or min(dims) < 1:
+        raise ConfigError(f"resnetfpn: initial_dim and three block_dims must be positive, got {dims}")
     if coarse.d_model != cfg.resnetfpn.block_dims[-1] or fine.d_model != cfg.resnetfpn.block_dims[0]:
-        raise ValueError("coarse.d_model must equal block_dims[-1] and fine.d_model block_dims[0]")
+        raise ConfigError("coarse.d_model must equal block_dims[-1] and fine.d_model block_dims[0]")
     for name, group in (("coarse", coarse), ("fine", fine)):
-        if group.d_model % group.nhead:
-            raise ValueError(f"{name}.d_model ({group.d_model}) must be divisible by nhead ({group.nhead})")
-        if any(n not in ("self", "cross") for n in group.layer_names):
-            raise ValueError(f"{name}.layer_names may only hold 'self' and 'cross': {list(group.layer_names)}")
-    if coarse.attention not in ("quadtree", "linear", "full"):
-        raise ValueError(f"coarse.attention must be quadtree, linear or full, got {coarse.attention!r}")
-    if fine.attention not in ("linear", "full"):
-        raise ValueError(f"fine.attention must be linear or full, got {fine.attention!r}")
-    if coarse.attn_type not in ("A", "B"):
-        raise ValueError(f"coarse.attn_type must be 'A' or 'B', got {coarse.attn_type!r}")
+        if group.nhead < 1 or group.d_model % group.nhead:
+            raise ConfigError(f"{name}.nhead must be positive and divide d_model ({group.d_model}), got {group.nhead}")
+        if not group.layer_names or any(n not in ("self", "cross") for n in group.layer_names):
+            raise ConfigError(f"{name}.layer_names must be a non-empty list of 'self' and 'cross': {list(group.layer_names)}")
     if len(coarse.topks) < 1 or any(k < 1 for k in coarse.topks):
-        raise ValueError(f"coarse.topks must be a non-empty list of positive ints, got {list(coarse.topks)}")
-    if cfg.match_coarse.match_type != "dual_softmax":
-        raise ValueError("match_coarse.match_type: only 'dual_softmax' is implemented")
-    if cfg.fine_window_size % 2 != 1:
-        raise ValueError("fine_window_size must be odd")
+        raise ConfigError(f"coarse.topks must be a non-empty list of positive ints, got {list(coarse.topks)}")
+    if coarse.mlp_ratio < 1:
+        raise ConfigError(f"coarse.mlp_ratio must be at least 1, got {coarse.mlp_ratio}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    mc = cfg.match_coarse
+    if cfg.fine_window_size < 1 or cfg.fine_window_size % 2 != 1:
+        raise ConfigError(f"fine_window_size must be odd and positive, got {cfg.fine_window_size}")
+    ranges = (
+        ("match_coarse.thr", mc.thr, 0.0 <= mc.thr <= 1.0, "in [0, 1]"),
+        ("match_coarse.border_rm", mc.border_rm, mc.border_rm >= 0, "at least 0"),
+        ("match_coarse.dsmax_temperature", mc.dsmax_temperature, mc.dsmax_temperature > 0, "positive"),
+        ("match_coarse.train_coarse_percent", mc.train_coarse_percent, 0 < mc.train_coarse_percent <= 1, "in (0, 1]"),
+        ("match_coarse.train_pad_num_gt_min", mc.train_pad_num_gt_min, mc.train_pad_num_gt_min >= 0, "at least 0"),
+        ("inference.resize", cfg.inference.resize, cfg.inference.resize is None or cfg.inference.resize >= 8,
+         "null or at least 8 (one coarse cell)"),
+    )
+    for key, value, ok, wanted in ranges:
+        if not ok:
+            raise ConfigError(f"invalid model config: {key} must be {wanted}, got {value!r}")

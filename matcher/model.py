@@ -16,8 +16,8 @@ from torch import nn
 
 from .backbone import ResNetFPN
 from .chunking import is_tracing
-from .config import load_config
-from .image_io import ImageLike, load_gray, resize_long_side, to_input_pixels
+from .config import FEATURE_DTYPES, load_config, validate_config
+from .image_io import ImageLike, check_long_side, load_gray, resize_long_side, to_input_pixels
 from .matching import FinePreprocess, cell_coordinates, chunked_mutual_nearest_matches, dense_matching_limit, dual_softmax
 from .matching import mutual_nearest_matches, pad_with_ground_truth
 from .matching import window_expectation
@@ -30,10 +30,6 @@ from .weights import load_strict, read_state_dict
 WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained"
 
 OUTPUT_KEYS = ("keypoints0", "keypoints1", "confidence", "batch_indexes")
-
-#: Values of ``inference.feature_dtype``: the precision of the backbone and the coarse transformer in eval mode
-#: ("auto": :func:`resolve_feature_dtype`).
-FEATURE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -128,7 +124,7 @@ class Matcher(nn.Module):
             config = load_config(config)
         self.config = copy.deepcopy(config)
         cfg = self.config
-        check_feature_dtype(cfg.inference.feature_dtype)  # a misspelled value fails here, not at the first pair
+        validate_config(cfg)  # values changed after load_config fail here, not at the first pair (or never)
         self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(
@@ -290,7 +286,11 @@ class Matcher(nn.Module):
 
     @staticmethod
     def _max_candidates(conf: torch.Tensor, mask0: torch.Tensor | None, mask1: torch.Tensor | None) -> int:
+        """Coarse matches ``train_coarse_percent`` is a share of, as LoFTR counts them: ``B * max(L0, L1)``
+        without masks, else the sum over pairs of the smaller number of valid cells."""
         b, l0, l1 = conf.shape
+        if mask0 is None and mask1 is None:
+            return b * max(l0, l1)
         n0 = mask0.sum(1) if mask0 is not None else torch.full((b,), l0, device=conf.device)
         n1 = mask1.sum(1) if mask1 is not None else torch.full((b,), l1, device=conf.device)
         return int(torch.minimum(n0, n1).sum())
@@ -343,18 +343,20 @@ class Matcher(nn.Module):
             ValueError: for a missing or unreadable file, an empty array, NaN values or an image smaller
             than one coarse cell.
         """
-        long_side = self.config.inference.resize if resize == "config" else resize
+        long_side = self.config.inference.resize if isinstance(resize, str) and resize == "config" else resize
+        check_long_side(long_side)  # before reading the images
         device = self._device()
         tensors, scales = [], []
         for name, image in (("image0", image0), ("image1", image1)):
             gray, scale = resize_long_side(load_gray(image, name), long_side)
             tensors.append(torch.from_numpy(np.ascontiguousarray(gray))[None, None].to(device))
             scales.append(scale)
-        was_training = self.training
+        modes = [(module, module.training) for module in self.modules()]  # a frozen backbone stays frozen
         try:  # inference in eval mode whatever mode the model is in: batch norm must not learn from this pair
             out = self.eval()({"image0": tensors[0], "image1": tensors[1]})
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
         return {
             "keypoints0": to_input_pixels(out["keypoints0"].float().cpu().numpy(), scales[0]),
             "keypoints1": to_input_pixels(out["keypoints1"].float().cpu().numpy(), scales[1]),

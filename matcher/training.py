@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .config import ConfigError, load_config, merge_config, one_line, validate_config
+from .config import ConfigError, check_types, load_config, merge_config, one_line, validate_config
 from .model import Matcher
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -74,37 +74,67 @@ def _data_config_name(cfg: DictConfig) -> str:
     return f"data config {cfg.data.get('name')!r}" if cfg.data.get("name") else "data config"
 
 
-def _check_types(cfg: DictConfig, reference: DictConfig, which: str, prefix: str = "") -> None:
-    """Numbers and booleans must keep the type of their default (an int is fine where a float is expected);
-    ``trainer.*`` keys may also be null (Lightning's "no limit" / "off")."""
-    for key, ref in reference.items():
-        if key not in cfg:
-            continue
-        value, full = cfg[key], f"{prefix}{key}"
-        if isinstance(ref, DictConfig):
-            if isinstance(value, DictConfig):
-                _check_types(value, ref, which, f"{full}.")
-            continue
-        if value is None and full.startswith("trainer."):
-            continue
-        if isinstance(ref, bool):
-            ok, wanted = isinstance(value, bool), "true or false"
-        elif isinstance(ref, int):
-            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(ref, float):
-            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        else:
-            continue
+def _out_of_range(checks: list[tuple[str, Any, bool, str]], which: str) -> None:
+    """One ConfigError for the first ``(key, value, ok, wanted)`` that is not ok."""
+    for key, value, ok, wanted in checks:
         if not ok:
-            raise ConfigError(f"invalid {which}: {full} must be {wanted}, got {value!r}")
+            raise ConfigError(f"invalid {which}: {key} must be {wanted}, got {value!r}")
 
 
 def _check_values(cfg: DictConfig) -> None:
-    if cfg.batch_size < 1:
-        raise ConfigError(f"invalid training config: batch_size must be at least 1, got {cfg.batch_size}")
-    fraction = cfg.optim.get("warmup_cap_fraction", WARMUP_CAP_FRACTION)
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"invalid training config: optim.warmup_cap_fraction must be in [0, 1], got {fraction}")
+    """Ranges of the training config's numbers (types are checked before, by :func:`check_types`)."""
+    o, t, v, loss = cfg.optim, cfg.trainer, cfg.validation, cfg.loss
+    fraction = o.get("warmup_cap_fraction", WARMUP_CAP_FRACTION)
+    _out_of_range([
+        ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+        ("num_workers", cfg.num_workers, cfg.num_workers >= 0, "at least 0"),
+        ("optim.canonical_lr", o.canonical_lr, o.canonical_lr > 0, "positive"),
+        ("optim.canonical_bs", o.canonical_bs, o.canonical_bs >= 1, "at least 1"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "at least 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "at least 0"),
+        ("optim.warmup_ratio", o.warmup_ratio, 0 <= o.warmup_ratio <= 1, "in [0, 1]"),
+        ("optim.warmup_cap_fraction", fraction, 0.0 <= fraction <= 1.0, "in [0, 1]"),
+        ("optim.milestones", list(o.milestones), all(m >= 0 for m in o.milestones), "epochs, at least 0"),
+        ("optim.gamma", o.gamma, o.gamma > 0, "positive"),
+        ("loss.focal_alpha", loss.focal_alpha, 0 <= loss.focal_alpha <= 1, "in [0, 1]"),
+        ("loss.fine_correct_thr", loss.fine_correct_thr, loss.fine_correct_thr > 0, "positive"),
+        ("trainer.num_nodes", t.num_nodes, t.num_nodes is None or t.num_nodes >= 1, "at least 1"),
+        ("trainer.accumulate_grad_batches", t.accumulate_grad_batches,
+         t.accumulate_grad_batches is None or t.accumulate_grad_batches >= 1, "at least 1"),
+        ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps,
+         t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 1, "at least 1"),
+        ("validation.ransac_thr", v.ransac_thr, v.ransac_thr > 0, "positive"),
+        ("validation.ransac_conf", v.ransac_conf, 0 < v.ransac_conf < 1, "in (0, 1)"),
+        ("validation.epi_thr", v.epi_thr, v.epi_thr > 0, "positive"),
+        ("validation.figures", v.figures, v.figures >= 0, "at least 0"),
+    ] + [(f"loss.{k}", loss[k], loss[k] >= 0, "at least 0")
+         for k in ("coarse_weight", "fine_weight", "focal_gamma", "pos_weight", "neg_weight")], "training config")
+
+
+def _check_data_values(cfg: DictConfig, reference: DictConfig) -> None:
+    """The data tree's values that would fail only once data loads (or at the first batch)."""
+    data, which = cfg.data, _data_config_name(cfg)
+    if data.get("name") != reference.get("name"):
+        raise ConfigError(f"invalid {which}: data.name cannot change the kind of data of data config "
+                          f"{reference.get('name')!r} (its keys are that kind's); choose another with data=NAME")
+    checks = []
+    if "image_size" in data:
+        size = list(data.image_size)
+        checks.append(("data.image_size", size, len(size) == 2 and min(size) >= 8, "[H, W], each at least 8"))
+    for key in ("train_length", "val_length", "samples_per_scene"):
+        if key in data:
+            checks.append((f"data.{key}", data[key], data[key] >= 1, "at least 1"))
+    if "img_resize" in data:
+        checks.append(("data.img_resize", data.img_resize, data.img_resize >= 8, "at least 8"))
+    if "min_overlap_score" in data:
+        lo, hi = data.min_overlap_score, data.get("max_overlap_score", 1.0)
+        checks.append(("data.min_overlap_score / max_overlap_score", [lo, hi], 0 <= lo <= hi <= 1, "0 <= min <= max <= 1"))
+    if data.get("name") == "megadepth":
+        # LoFTR asserts padding for training: the batches stack squares of img_resize and of depth_padding
+        checks.append(("data.img_padding", data.img_padding, data.img_padding or cfg.batch_size == 1,
+                       "true for batches of more than one pair (LoFTR pads every image to a square)"))
+        checks.append(("data.depth_padding", data.depth_padding, data.depth_padding >= 1, "at least 1"))
+    _out_of_range(checks, which)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -122,7 +152,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data_overrides, rest = _split_data_overrides(overrides or [])
     if rest:
         cfg = merge_config(cfg, _dotlist(rest), "training config", "overrides")
-    _check_types(cfg, defaults, "training config")
+    check_types(cfg, defaults, "training config", nullable=("trainer.",))
     _check_values(cfg)
     data_reference = None
     if isinstance(cfg.data, str):
@@ -138,7 +168,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     if data_overrides:
         cfg = merge_config(cfg, _dotlist(data_overrides), _data_config_name(cfg), "overrides")
     if data_reference is not None:
-        _check_types(cfg.data, data_reference, f"data config {cfg.data.get('name')!r}", "data.")
+        check_types(cfg.data, data_reference, _data_config_name(cfg), "data.")
+        _check_data_values(cfg, data_reference)
     return cfg
 
 
@@ -177,8 +208,9 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if data_overrides:
         merged = merge_config(merged, _dotlist(data_overrides), _data_config_name(cfg), "overrides")
     defaults = _load_yaml(_config_path("train", "default"), "training config")
-    _check_types(merged, defaults, "training config")
+    check_types(merged, defaults, "training config", nullable=("trainer.",))
     _check_values(merged)
+    _check_data_values(merged, cfg.data)
     changed = [key for key in _leaf_keys(cfg, RESUME_FIXED_KEYS) if OmegaConf.select(cfg, key) != OmegaConf.select(merged, key)]
     if changed:
         what = ", ".join(
@@ -398,16 +430,17 @@ def resume_position(trainer: pl.Trainer, batch_size: int, batches_per_epoch: int
 
 
 class EpochSubsetSampler(Sampler[int]):
-    """Draws ``samples_per_group`` indices per group and epoch (without replacement where possible),
-    reseeded every epoch: fresh synthetic scenes / a new per-scene sample each epoch. An empty group (a scene
-    without pairs) takes its draw from a random non-empty group, so the epoch length is the same on every DDP
-    rank however many of its scenes are empty."""
+    """Draws ``samples_per_group`` indices per group and epoch, reseeded every epoch: fresh synthetic scenes /
+    a new per-scene sample each epoch. ``replacement``: each draw independent, as LoFTR's RandomConcatSampler
+    (``SB_SUBSET_SAMPLE_REPLACEMENT = True``); False: without replacement where the group is large enough. An
+    empty group (a scene without pairs) takes its draw from a random non-empty group, so the epoch length is
+    the same on every DDP rank however many of its scenes are empty."""
 
-    def __init__(self, groups: list[list[int]], samples_per_group: int, seed: int = 0) -> None:
+    def __init__(self, groups: list[list[int]], samples_per_group: int, seed: int = 0, replacement: bool = True) -> None:
         if groups and not any(len(g) for g in groups):
             raise ValueError(f"none of the {len(groups)} groups (scenes) has a sample to draw")
         self.groups, self.samples_per_group, self.seed, self.epoch = groups, samples_per_group, seed, 0
-        self._skip = 0
+        self.replacement, self._skip = replacement, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -430,7 +463,7 @@ class EpochSubsetSampler(Sampler[int]):
                 # a huge virtual range (procedural scenes): collisions are negligible, skip the permutation
                 picked.extend((group.start + rng.integers(0, len(group), self.samples_per_group)).tolist())
                 continue
-            replace = len(group) < self.samples_per_group
+            replace = self.replacement or len(group) < self.samples_per_group
             picked.extend(rng.choice(np.asarray(group), self.samples_per_group, replace=replace).tolist())
         rng.shuffle(picked)
         self.epoch += 1  # also advances when Lightning does not call set_epoch
@@ -467,7 +500,10 @@ class MatcherDataModule(pl.LightningDataModule):
         return self.samples_per_group * len(self.train_groups) // self.batch_size
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSubsetSampler(self.train_groups, self.samples_per_group, self.seed + 1000 * self._rank())
+        sampler = EpochSubsetSampler(
+            self.train_groups, self.samples_per_group, self.seed + 1000 * self._rank(),
+            replacement=bool(self.data_cfg.get("sample_with_replacement", True)),
+        )
         if self.trainer is not None:
             sampler.resume_at(*resume_position(self.trainer, self.batch_size, self.batches_per_epoch()))
         return DataLoader(

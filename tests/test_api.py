@@ -41,6 +41,9 @@ def test_resized_pixels_map_back_to_the_input_with_pixel_centres_at_integers():
         assert np.abs(centroid * scale - spot).min() > 0.1  # the plain scaling would not pass
     with pytest.raises(ValueError, match="resize must be at least 8"):
         resize_long_side(blob, 4)
+    for bad in ("auto", 640.0, True):  # a TypeError from deep inside before
+        with pytest.raises(ValueError, match="resize must be an integer number of pixels"):
+            resize_long_side(blob, bad)
 
 
 def test_match_after_resizing_lands_on_the_same_content():
@@ -213,3 +216,7 @@ def test_match_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
     np.testing.assert_array_equal(result["keypoints1"], reference["keypoints1"])
     after = [b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(stats, after))
+    m.backbone.eval()  # fine-tuning with a frozen backbone: each module's own mode comes back
+    m.match(image0, image1)
+    assert m.training and not any(module.training for module in m.backbone.modules())
+    assert m.loftr_coarse.training

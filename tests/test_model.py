@@ -177,6 +177,41 @@ def test_unknown_config_key_is_an_error():
         load_config("quadtree_z")
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("fine_window_size", 4, "fine_window_size must be odd"),  # ran with the wrong window geometry, 2-3 px off
+    ("coarse.attention", "Linear", "coarse.attention must be one of quadtree, linear, full"),  # ran full attention
+    ("fine.attention", "lineer", "fine.attention must be one of linear, full"),
+    ("coarse.temp_bug_fix", "false", "coarse.temp_bug_fix must be true or false"),  # a truthy string
+    ("coarse.nhead", 0, "coarse.nhead must be positive"),
+    ("coarse.topks", [32.5, 16, 16], "coarse.topks must be a list whose entries are an integer"),
+    ("coarse.layer_names", [], "layer_names must be a non-empty list"),
+    ("match_coarse.dsmax_temperature", 0, "dsmax_temperature must be positive"),
+    ("match_coarse.thr", "high", "match_coarse.thr must be a number"),
+    ("match_coarse.border_rm", -3, "border_rm must be at least 0"),
+    ("inference.resize", 4, "inference.resize must be null or at least 8"),
+    ("coarse", 5, "coarse must be a mapping of keys"),
+])
+def test_values_changed_after_load_config_are_checked_when_building(key, value, match):
+    from omegaconf import OmegaConf
+
+    cfg = load_config("lite")
+    OmegaConf.update(cfg, key, value, force_add=False, merge=False)
+    with pytest.raises(ValueError, match=match):
+        Matcher(cfg)
+    top, _, rest = key.partition(".")  # the same mistake through load_config
+    with pytest.raises(ValueError, match=match):
+        load_config("lite", **{top: {rest: value} if rest else value})
+
+
+def test_train_coarse_percent_counts_candidates_as_loftr():
+    # LoFTR's coarse matching: B * max(L0, L1) without masks, the sum of min(valid0, valid1) with them
+    conf = torch.zeros(2, 300, 120)
+    assert Matcher._max_candidates(conf, None, None) == 600
+    mask0, mask1 = torch.ones(2, 300, dtype=torch.bool), torch.ones(2, 120, dtype=torch.bool)
+    mask0[1, 100:], mask1[0, 60:] = False, False
+    assert Matcher._max_candidates(conf, mask0, mask1) == 60 + 100
+
+
 @pytest.mark.slow
 def test_full_width_indoor_model_on_640x480():
     model = Matcher(load_config("quadtree_b_indoor")).eval()

@@ -142,6 +142,21 @@ def test_warmup_longer_than_the_run_is_capped_and_kept_on_resume(train_main, tmp
         (["--resume", "/nonexistent/run"], "--resume: no config.yaml in /nonexistent/run"),
         (["--resume", "/nonexistent/run", "--config", "lite_synthetic"], "--config cannot be given with --resume"),
         (["--resume", "/nonexistent/run", "--init-weights", "w.pt"], "--init-weights cannot be given with --resume"),
+        # values Lightning, the optimiser or the data loader would refuse only later, with a traceback
+        (["--devices", "abc"], "invalid training config (trainer.*): `devices` selected with `CPUAccelerator`"),
+        (["--precision", "64-bad"], "invalid training config (trainer.*): Precision '64-bad' is invalid"),
+        (["--lr", "-1"], "invalid training config: optim.canonical_lr must be positive, got -1.0"),
+        (["--num-workers", "-1"], "invalid training config: num_workers must be at least 0, got -1"),
+        (["--set", "optim.milestones=5"], "invalid training config: optim.milestones must be a list, got 5"),
+        (["--set", "optim.milestones=[a,b]"], "invalid training config: optim.milestones must be a list whose entries are an integer"),
+        (["--set", "optim=5"], "invalid training config: optim must be a mapping of keys, got 5"),
+        (["--set", "data.image_size=[10]"], "invalid data config 'synthetic': data.image_size must be [H, W], each at least 8"),
+        (["--set", "data.name=megadepth"], "invalid data config 'megadepth': data.name cannot change the kind of data"),
+        (["--data", "megadepth", "--batch-size", "2", "--set", "data.img_padding=false"],
+         "invalid data config 'megadepth': data.img_padding must be true for batches of more than one pair"),
+        (["--set", "model_overrides.coarse.temp_bug_fix=fasle"], "invalid model config: coarse.temp_bug_fix must be true or false"),
+        (["--set", "model_overrides.coarse.nhead=eight"], "invalid model config: coarse.nhead must be an integer"),
+        (["--set", "model_overrides=5"], "invalid training config: model_overrides must be a mapping of keys, got 5"),
     ],
 )
 def test_config_and_data_errors_are_one_line(train_main, tmp_path, capsys, extra, expected):

@@ -40,7 +40,7 @@ def test_train_config_defaults_and_overrides():
 
 def test_epoch_sampler_draws_per_group_and_changes_with_epoch():
     groups = [list(range(0, 10)), list(range(10, 13))]
-    sampler = EpochSubsetSampler(groups, samples_per_group=4, seed=1)
+    sampler = EpochSubsetSampler(groups, samples_per_group=4, seed=1, replacement=False)
     sampler.set_epoch(0)
     first = list(sampler)
     assert len(first) == len(sampler) == 8
@@ -52,6 +52,16 @@ def test_epoch_sampler_draws_per_group_and_changes_with_epoch():
     assert list(sampler) != first
     huge = EpochSubsetSampler([range(100, 10_000_100)], samples_per_group=5, seed=0)
     assert all(100 <= i < 10_000_100 for i in huge)
+
+
+def test_epoch_sampler_draws_with_replacement_as_loftr_by_default():
+    # LoFTR's RandomConcatSampler (SB_SUBSET_SAMPLE_REPLACEMENT = True): independent draws within a scene
+    sampler = EpochSubsetSampler([list(range(20))], samples_per_group=20, seed=0)
+    draws = [list(sampler) for _ in range(5)]
+    assert all(len(d) == 20 and set(d) <= set(range(20)) for d in draws)
+    assert any(len(set(d)) < 20 for d in draws)  # P(no repeat in 20 of 20) = 20!/20^20 per epoch
+    alone = EpochSubsetSampler([list(range(20))], samples_per_group=20, seed=0, replacement=False)
+    assert sorted(alone) == list(range(20))
 
 
 def test_epoch_sampler_fills_empty_groups_from_the_others():

@@ -36,6 +36,7 @@ from matcher.evaluation import (
     close_all,
     feature_dtype_argument,
     finite_mean,
+    long_side_argument,
     matcher_names,
     numerics_protocol,
     open_caches,
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="generated pairs: seed")
     parser.add_argument("--max-shift", type=float, default=0.15, help="generated pairs: corner shift bound (fraction of side)")
     parser.add_argument("--no-photometric", action="store_true", help="generated pairs: no photometric change")
-    parser.add_argument("--resize", type=int, default=None, help="long side the matchers resize images to (default: original)")
+    parser.add_argument("--resize", type=long_side_argument, default=None, help="long side the matchers resize images to (default: original)")
     parser.add_argument("--h-ransac-thr", type=float, default=3.0, help="homography RANSAC threshold in pixels")
     add_common_arguments(parser)
     return parser

@@ -42,6 +42,7 @@ from matcher.evaluation import (
     close_all,
     feature_dtype_argument,
     finite_mean,
+    long_side_argument,
     matcher_names,
     numerics_protocol,
     open_caches,
@@ -56,6 +57,7 @@ from matcher.metrics import (
     POSE_AUC_THRESHOLDS,
     POSE_RANSAC_CONF,
     epipolar_precision_threshold,
+    opencv_pose_warning,
     pose_auc,
 )
 from matcher.validation import pair_pose_metrics
@@ -322,6 +324,7 @@ def pose_protocol(
         "time": f"wall clock of matcher.match per pair on {args.device} (cached pairs keep the time measured when computed)",
         "numerics": numerics_protocol(args),
         "software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
+        **({"warning": opencv_pose_warning()} if opencv_pose_warning() else {}),
     }
 
 
@@ -333,12 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--npz", default=None, help="ScanNet: test index npz (default DATA_ROOT/test.npz)")
     parser.add_argument("--intrinsics", default=None, help="ScanNet: intrinsics npz (default DATA_ROOT/intrinsics.npz)")
     parser.add_argument("--scene-info", nargs="+", default=None, help="MegaDepth: scene-info .npz files or folders")
-    parser.add_argument("--img-resize", type=int, default=840, help="MegaDepth: long side of the test images (LoFTR: 840; LoFTR-QuadTree: 832)")
+    parser.add_argument("--img-resize", type=long_side_argument, default=840, help="MegaDepth: long side of the test images (LoFTR: 840; LoFTR-QuadTree: 832)")
     parser.add_argument("--pairs-file", default=None, help="pairs: SuperGlue-style pairs-with-ground-truth file")
     parser.add_argument("--image-size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"), help="synthetic: image size")
     parser.add_argument("--synthetic-pairs", type=int, default=100, help="synthetic: number of pairs (or --max-pairs)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: scene seed")
-    parser.add_argument("--resize", type=int, default=None, help="long side the matchers resize images to (default: as given)")
+    parser.add_argument("--resize", type=long_side_argument, default=None, help="long side the matchers resize images to (default: as given)")
     parser.add_argument("--ransac-thr", type=float, default=0.5, help="RANSAC threshold in pixels (LoFTR: 0.5)")
     parser.add_argument("--ransac-conf", type=float, default=POSE_RANSAC_CONF, help="RANSAC confidence")
     parser.add_argument(
@@ -359,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints the table and returns ``{"rows", "markdown", "json_path", "md_path",
     "computed", "cached", "skipped"}``. Raises CacheMismatchError when a cache holds other settings."""
     args = build_parser().parse_args(argv)
+    if opencv_pose_warning():
+        print(f"warning: {opencv_pose_warning()}", file=sys.stderr)
     dataset, data_fingerprint = build_dataset(args)
     data_fingerprint = {**data_fingerprint, "resize": args.resize}
     num_pairs = len(dataset) if args.max_pairs is None else min(args.max_pairs, len(dataset))

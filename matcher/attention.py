@@ -357,6 +357,34 @@ def _use_fused_kernel(kernel: str, variant: str, tensors: list[torch.Tensor]) ->
     return use_kernel(kernel, possible, first.device, requirements)
 
 
+def _check_pyramids(queries: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
+                    key_masks: list[torch.Tensor | None], topks: list[int]) -> None:
+    """One ValueError for pyramids :func:`quadtree_attention` cannot read: levels that do not halve (a
+    malformed key level was read only in part, silently), keys and values of other shapes, masks of other
+    grids, or a top-k list of another length."""
+    num_levels = len(queries)
+    if num_levels < 1 or not len(keys) == len(values) == len(key_masks) == len(topks) == num_levels:
+        raise ValueError(f"queries, keys, values, key_masks and topks need one entry per level: {num_levels}, "
+                         f"{len(keys)}, {len(values)}, {len(key_masks)}, {len(topks)}")
+    for name, pyramid in (("queries", queries), ("keys", keys)):
+        for level, t in enumerate(pyramid):
+            if t.dim() != 5 or t.shape[:2] != queries[0].shape[:2] or t.shape[-1] != queries[0].shape[-1]:
+                raise ValueError(f"{name}[{level}] must be (B, nhead, h, w, D) like queries[0] "
+                                 f"{tuple(queries[0].shape)}, got {tuple(t.shape)}")
+            if level and tuple(t.shape[2:4]) != (pyramid[level - 1].shape[2] // 2, pyramid[level - 1].shape[3] // 2):
+                raise ValueError(f"{name}[{level}] must halve both sides of level {level - 1} "
+                                 f"{tuple(pyramid[level - 1].shape[2:4])}, got {tuple(t.shape[2:4])}")
+            if level < num_levels - 1 and (t.shape[2] % 2 or t.shape[3] % 2):
+                raise ValueError(f"{name}[{level}] needs even sides to have a coarser level, got {tuple(t.shape[2:4])}")
+    for level, (k, v, mask) in enumerate(zip(keys, values, key_masks)):
+        if v.shape != k.shape:
+            raise ValueError(f"values[{level}] must have the shape of keys[{level}] {tuple(k.shape)}, got {tuple(v.shape)}")
+        if mask is not None and tuple(mask.shape) != (k.shape[0], *k.shape[2:4]):
+            raise ValueError(f"key_masks[{level}] must be (B, h, w) = {(k.shape[0], *k.shape[2:4])}, got {tuple(mask.shape)}")
+    if min(topks) < 1:
+        raise ValueError(f"topks must be positive, got {list(topks)}")
+
+
 def quadtree_attention(
     queries: list[torch.Tensor],
     keys: list[torch.Tensor],
@@ -381,8 +409,8 @@ def quadtree_attention(
     Args:
         queries, keys, values: per level, finest first, ``(B, nhead, h_l, w_l, D)`` (query and key grids
             may differ in size; any strides); each level halves both sides of the previous one.
-        topks: keys kept per query at each level, coarsest first (the finest entry is used by A only
-            when it is not the finest level, and never by B).
+        topks: keys kept per query at each level, coarsest first, one per level (the finest entry selects
+            nothing: no level is finer).
         variant: "A" or "B".
         level_weights: ``(L,)`` logits of the level mixture (variant B), coarsest first.
         key_masks: per level, finest first, ``(B, h_l, w_l)`` bool (False = padded key) or None.
@@ -401,6 +429,7 @@ def quadtree_attention(
         raise ValueError("variant B needs level_weights of one entry per level")
     if key_masks is None:
         key_masks = [None] * num_levels
+    _check_pyramids(queries, keys, values, key_masks, topks)
     fused = _use_fused_kernel(kernel, variant, queries + keys + values)
     scale = queries[0].shape[-1] ** -0.5
     mix = None
@@ -413,7 +442,7 @@ def quadtree_attention(
         q, k, v, kmask = queries[level], keys[level], values[level], key_masks[level]
         b, nh, hq, wq, d = q.shape
         hk, wk = k.shape[2:4]
-        topk, select = topks[min(step, len(topks) - 1)], level > 0
+        topk, select = topks[step], level > 0
         if step == 0:
             flat = lambda t: t.reshape(b, nh, -1, d)  # noqa: E731
             kvalid = None if kmask is None else kmask.reshape(b, hk * wk)

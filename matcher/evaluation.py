@@ -463,6 +463,31 @@ def numerics_protocol(args: argparse.Namespace) -> str:
     return f"learned matchers' backbone + coarse transformer in {features}, coarse matching and fine stage in float32"
 
 
+def long_side_argument(value: str) -> int:
+    """argparse ``type`` of ``--resize`` (demos, ``matcher.match_pairs``, evaluation): an integer of at least
+    one coarse cell, checked before any file is written (a bad value would fail every pair)."""
+    from .image_io import MIN_SIDE
+
+    try:
+        long_side = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of pixels, got {value!r}") from None
+    if long_side < MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_SIDE} px (one coarse cell), got {long_side}")
+    return long_side
+
+
+def positive_int_argument(value: str) -> int:
+    """argparse ``type`` of a count that must be at least 1 (``--max-matches``)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def device_argument(value: str) -> str:
     """argparse ``type`` of ``--device`` (here, in the demos and in ``matcher.match_pairs``): ``cpu``, ``cuda``
     or ``cuda:N``, checked against this PyTorch build and machine, so that a device that cannot work is one

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .image_io import MIN_SIDE
 from .model import OUTPUT_KEYS, Matcher
 
 
@@ -45,6 +46,9 @@ def export_onnx(
         raise ValueError("export traces the float32 model: set inference.feature_dtype to 'float32' or 'auto' "
                          "(got 'bfloat16')")
     size1 = size1 or size0
+    for name, size in (("size0", size0), ("size1", size1)):
+        if len(size) != 2 or not all(isinstance(v, int) and v >= MIN_SIDE for v in size):
+            raise ValueError(f"{name} must be (H, W), integers of at least {MIN_SIDE} px (one coarse cell), got {size}")
     dummy = (torch.rand(1, 1, *size0), torch.rand(1, 1, *size1))
     path = Path(path)
     on_cpu = all(p.device.type == "cpu" for p in matcher.parameters())

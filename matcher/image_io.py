@@ -101,14 +101,23 @@ def load_gray(image: ImageLike, name: str = "image") -> np.ndarray:
     return gray
 
 
+def check_long_side(long_side: object) -> None:
+    """A ValueError unless ``long_side`` is None or an integer of at least :data:`MIN_SIDE` pixels."""
+    if long_side is None:
+        return
+    if not isinstance(long_side, (int, np.integer)) or isinstance(long_side, bool):
+        raise ValueError(f"resize must be an integer number of pixels, None or 'config', got {long_side!r}")
+    if long_side < MIN_SIDE:
+        raise ValueError(f"resize must be at least {MIN_SIDE} px (one coarse cell), got {long_side}")
+
+
 def resize_long_side(gray: np.ndarray, long_side: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Resize so the long side is ``long_side`` (None keeps the size).
 
     Returns the image and the scale ``[sx, sy]`` (input pixels per resized pixel); :func:`to_input_pixels`
     maps the resized image's pixel coordinates back to the input's with it.
     """
-    if long_side is not None and long_side < MIN_SIDE:
-        raise ValueError(f"resize must be at least {MIN_SIDE} px (one coarse cell), got {long_side}")
+    check_long_side(long_side)
     h, w = gray.shape
     if long_side is None or max(h, w) == long_side:
         return gray, np.ones(2, np.float32)

@@ -232,7 +232,8 @@ def check_keypoints_file(path: Path, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .evaluation import (
-        add_precision_arguments, canonical_json, device_argument, feature_dtype_argument, matcher_fingerprint, set_feature_dtype,
+        add_precision_arguments, canonical_json, device_argument, feature_dtype_argument, long_side_argument, matcher_fingerprint,
+        set_feature_dtype,
     )
     from .model import matcher_with_description
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keypoints-out", help="features h5 with the keypoints (default: <out stem>-keypoints.h5)")
     p.add_argument("--weights", help="shipped weights name or checkpoint path (default: the shipped default)")
     p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
-    p.add_argument("--resize", type=int, help="long side to resize to (default: the config's inference.resize)")
+    p.add_argument("--resize", type=long_side_argument, help="long side to resize to (default: the config's inference.resize)")
     p.add_argument("--merge-px", type=float, default=1.0, help="merge an image's keypoints on this grid (pixels, > 0)")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
     add_precision_arguments(p, default=None)

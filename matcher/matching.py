@@ -314,6 +314,7 @@ def _rounding_slack(row_lse: torch.Tensor, col_lse: torch.Tensor, mask0, mask1) 
     magnitude = 0.0
     for lse, valid in ((row_lse, mask0), (col_lse, mask1)):
         values = lse if valid is None else lse[valid]
+        values = values[values.isfinite()]  # one pair's NaN / inf must not change the other pairs' bounds
         magnitude += float(values.abs().max()) if values.numel() else 0.0
     return 1e-3 + 128 * torch.finfo(row_lse.dtype).eps * 2 * magnitude
 

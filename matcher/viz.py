@@ -54,6 +54,8 @@ def plot_matches(
         max_matches: draw at most this many (the most confident).
         path: save the figure there (PNG, PDF, ...) and close it.
     """
+    if max_matches is not None and max_matches < 0:
+        raise ValueError(f"max_matches must be at least 0 or None, got {max_matches}")  # [:-3] would drop 3
     order = np.argsort(-confidence) if confidence is not None else np.arange(len(keypoints0))
     if max_matches is not None:
         order = order[:max_matches]

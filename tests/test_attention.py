@@ -112,6 +112,32 @@ def test_quadtree_matches_per_query_reference(variant, hw_q, hw_k, topks, masked
             torch.testing.assert_close(out[bi, h], ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("damage, match", [
+    ("key level not halved", r"keys\[1\] must halve both sides of level 0 \(8, 8\), got \(8, 8\)"),
+    ("odd query level", r"queries\[0\] needs even sides"),
+    ("values of another shape", r"values\[2\] must have the shape of keys\[2\]"),
+    ("mask of another grid", r"key_masks\[0\] must be \(B, h, w\)"),
+    ("short topks", "one entry per level: 3, 3, 3, 3, 2"),
+])
+def test_malformed_pyramids_raise_one_clear_error(damage, match):
+    # a key level of the finer level's size ran and read only its first cells; others failed in a reshape
+    qs, ks, vs, _ = _pyramids(1, 2, 4, (8, 8), (8, 8), 3, seed=0)
+    masks, topks = [None] * 3, [3, 2, 2]
+    if damage == "key level not halved":
+        ks[1] = ks[0].clone()
+    elif damage == "odd query level":
+        qs[0] = qs[0][:, :, :7]
+    elif damage == "values of another shape":
+        vs[2] = vs[2][..., :2]
+    elif damage == "mask of another grid":
+        masks[0] = torch.ones(1, 4, 4, dtype=torch.bool)
+    else:
+        topks = [3, 2]
+    weights = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        quadtree_attention(qs, ks, vs, topks, "B", weights, masks)
+
+
 @pytest.mark.parametrize("variant", ["A", "B"])
 def test_quadtree_in_chunks_equals_one_piece(variant, monkeypatch):
     """Tiny chunks (one query row / one parent per chunk) give the same messages and selections."""

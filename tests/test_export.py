@@ -67,6 +67,11 @@ def test_export_refuses_training_mode_and_bf16_features(tmp_path):
     model = Matcher(load_config("lite", inference={"feature_dtype": "bfloat16"})).eval()
     with pytest.raises(ValueError, match="feature_dtype"):
         export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    model = Matcher(load_config("lite")).eval()
+    for size in ((7, 64), (64,), (64.0, 64)):  # the tracer's own error named tensor(7)
+        with pytest.raises(ValueError, match=r"size0 must be \(H, W\), integers of at least 8 px"):
+            export_onnx(model, tmp_path / "m.onnx", size)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_onnx_export_traced_without_matches_keeps_the_fine_stage(tmp_path, monkeypatch):

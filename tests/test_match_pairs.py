@@ -229,3 +229,14 @@ def test_cli_refuses_config_without_weights_and_a_missing_device(tmp_path, monke
         mp.main(args + ["--device", "cuda"])
     assert exit_info.value.code == 2 and "argument --device: cuda: this PyTorch build" in capsys.readouterr().err
     assert not (tmp_path / "m.h5").exists()
+
+
+@pytest.mark.parametrize("resize, message", [("4", "must be at least 8 px"), ("abc", "expected an integer")])
+def test_cli_refuses_a_resize_below_one_cell_before_writing(tmp_path, capsys, resize, message):
+    # it failed every pair and stored the setting, so a corrected rerun into the same --out was refused
+    (tmp_path / "pairs.txt").write_text("a.png b.png\n")
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path), "--out", str(tmp_path / "m.h5")]
+    with pytest.raises(SystemExit) as exit_info:
+        mp.main(args + ["--resize", resize])
+    assert exit_info.value.code == 2 and f"argument --resize: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "m.h5").exists()

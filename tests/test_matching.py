@@ -150,3 +150,19 @@ def test_border_removal_follows_the_valid_block_wherever_the_padding_is():
     keep = off_border(4, h, w, 2, masks.reshape(4, -1), "cpu").reshape(4, h, w)
     assert keep[2].nonzero().amin(0).tolist() == [5, 6] and keep[2].nonzero().amax(0).tolist() == [7, 11]
     torch.testing.assert_close(off_border(1, h, w, 2, None, "cpu"), _off_border_by_hand(masks[:1], 2))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_feature_in_one_pair_leaves_the_other_pairs_matches(bad):
+    # the pruning bound's rounding slack was taken over the whole batch: one NaN pair emptied every pair
+    g = torch.Generator().manual_seed(5)
+    f0, f1 = torch.randn(2, 96, 32, generator=g), torch.randn(2, 120, 32, generator=g)
+    f0[:, :40] *= 3
+    f1[:, :40] = f0[:, :40] + 0.05 * torch.randn(2, 40, 32, generator=g)
+    f0[0, 3, 0] = bad
+    hw0, hw1 = (8, 12), (10, 12)
+    dense = mutual_nearest_matches(dual_softmax(f0, f1, 0.1), 0.2, 1, hw0, hw1)
+    chunked = chunked_mutual_nearest_matches(f0, f1, 0.1, 0.2, 1, hw0, hw1)
+    assert (dense[0] == 1).sum() > 10
+    for a, b in zip(dense[:3], chunked[:3]):
+        assert torch.equal(a, b)

@@ -252,7 +252,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, _overrides(args))
         run_dir, ckpt = Path(cfg.run_dir), None
     pl.seed_everything(cfg.seed, workers=True)
-    model_cfg = build_model_config(cfg)
+    saved_model = run_dir / "model.yaml" if ckpt is not None else None
+    model_cfg = build_model_config(cfg, saved_model if saved_model is not None and saved_model.is_file() else None)
     module = MatcherModule({**OmegaConf.to_container(cfg, resolve=True), "model_config": config_to_dict(model_cfg)})
     if cfg.init_weights and ckpt is None:
         try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from matcher.allocator import reuse_freed_memory
 from matcher.evaluation import (
-    add_precision_arguments, device_argument, feature_dtype_argument, long_side_argument, positive_int_argument,
+    add_precision_arguments, device_argument, feature_dtype_argument, long_side_argument, count_argument,
     set_feature_dtype,
 )
 from matcher.image_io import load_gray
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="model config name, for a checkpoint without a .yaml beside it (needs --weights)")
     p.add_argument("--resize", type=long_side_argument, help="long side to resize to (default: the config's inference.resize)")
     p.add_argument("--out", default="matches.png", help="output picture")
-    p.add_argument("--max-matches", type=positive_int_argument, default=1000, help="draw at most this many matches")
+    p.add_argument("--max-matches", type=count_argument, default=1000, help="draw at most this many matches")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
     add_precision_arguments(p, default=None)
     p.add_argument("--truth", help="npz with K0, K1, T_0to1 (default: the sample pair's, for the sample pair)")

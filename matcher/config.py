@@ -147,13 +147,18 @@ def _type_error(value: Any, ref: Any) -> str | None:
     return None
 
 
-def check_types(cfg: DictConfig, reference: Any, which: str, prefix: str = "", nullable: tuple[str, ...] = ()) -> None:
+def check_types(cfg: DictConfig, reference: Any, which: str, prefix: str = "", nullable: tuple[str, ...] = (),
+                required: bool = False) -> None:
     """Every key of ``cfg`` that ``reference`` (the defaults) has must keep its default's kind: a mapping stays
     a mapping, a list a list (of the kind of its default's first element), a bool a bool, an int an integer, a
-    float a number; null only where the default is null or the key starts with one of ``nullable``. Raises one
-    :class:`ConfigError` naming ``which`` config and the key."""
+    float a number; null only where the default is null or the key starts with one of ``nullable``. A key of
+    ``reference`` missing from ``cfg`` is an error if ``required``. Raises one :class:`ConfigError` naming
+    ``which`` config and the key."""
     for key, ref in reference.items():
         if key not in cfg:
+            if required:
+                raise ConfigError(f"invalid {which}: key {prefix}{key} is missing (build configs with load_config, "
+                                  f"which merges a YAML over the defaults)")
             continue
         value, full = cfg[key], f"{prefix}{key}"
         if ref is None or (value is None and full.startswith(nullable)):
@@ -161,7 +166,7 @@ def check_types(cfg: DictConfig, reference: Any, which: str, prefix: str = "", n
         if isinstance(ref, (dict, DictConfig)):
             if not isinstance(value, DictConfig):
                 raise ConfigError(f"invalid {which}: {full} must be a mapping of keys, got {value!r}")
-            check_types(value, ref, which, f"{full}.", nullable)
+            check_types(value, ref, which, f"{full}.", nullable, required)
             continue
         if isinstance(ref, (list, ListConfig)):
             if not isinstance(value, ListConfig):
@@ -184,6 +189,7 @@ FEATURE_DTYPES = ("auto", "float32", "bfloat16")
 
 #: Allowed values of the model config's string keys.
 MODEL_CHOICES = {
+    "backbone_type": ("ResNetFPN",),
     "coarse.attention": ("quadtree", "linear", "full"),
     "coarse.attn_type": ("A", "B"),
     "coarse.kernel": KERNELS,
@@ -196,7 +202,7 @@ MODEL_CHOICES = {
 def validate_config(cfg: DictConfig) -> None:
     """Raise a :class:`ConfigError` (a ValueError) for values that would build a broken model: a wrong type, a
     value out of its range, an unknown choice, inconsistent widths."""
-    check_types(cfg, DEFAULT_CONFIG, "model config", nullable=NULLABLE_MODEL_KEYS)
+    check_types(cfg, DEFAULT_CONFIG, "model config", nullable=NULLABLE_MODEL_KEYS, required=True)
     for key, choices in MODEL_CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

@@ -477,14 +477,14 @@ def long_side_argument(value: str) -> int:
     return long_side
 
 
-def positive_int_argument(value: str) -> int:
-    """argparse ``type`` of a count that must be at least 1 (``--max-matches``)."""
+def count_argument(value: str) -> int:
+    """argparse ``type`` of a count, an integer of at least 0 (``--max-matches``)."""
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {value!r}")
     return number
 
 

@@ -106,7 +106,7 @@ def check_long_side(long_side: object) -> None:
     if long_side is None:
         return
     if not isinstance(long_side, (int, np.integer)) or isinstance(long_side, bool):
-        raise ValueError(f"resize must be an integer number of pixels, None or 'config', got {long_side!r}")
+        raise ValueError(f"resize must be an integer number of pixels or None, got {long_side!r}")
     if long_side < MIN_SIDE:
         raise ValueError(f"resize must be at least {MIN_SIDE} px (one coarse cell), got {long_side}")
 

@@ -343,7 +343,9 @@ class Matcher(nn.Module):
             ValueError: for a missing or unreadable file, an empty array, NaN values or an image smaller
             than one coarse cell.
         """
-        long_side = self.config.inference.resize if isinstance(resize, str) and resize == "config" else resize
+        if isinstance(resize, str) and resize != "config":
+            raise ValueError(f"resize must be 'config', None or an integer number of pixels, got {resize!r}")
+        long_side = self.config.inference.resize if isinstance(resize, str) else resize
         check_long_side(long_side)  # before reading the images
         device = self._device()
         tensors, scales = [], []

@@ -74,6 +74,11 @@ def _data_config_name(cfg: DictConfig) -> str:
     return f"data config {cfg.data.get('name')!r}" if cfg.data.get("name") else "data config"
 
 
+#: Training-config keys that take null besides their default's type: Lightning's "no limit" / "off" for
+#: ``trainer.*``, no overrides for ``model_overrides``.
+TRAIN_NULLABLE = ("trainer.", "model_overrides")
+
+
 def _out_of_range(checks: list[tuple[str, Any, bool, str]], which: str) -> None:
     """One ConfigError for the first ``(key, value, ok, wanted)`` that is not ok."""
     for key, value, ok, wanted in checks:
@@ -102,7 +107,7 @@ def _check_values(cfg: DictConfig) -> None:
         ("trainer.accumulate_grad_batches", t.accumulate_grad_batches,
          t.accumulate_grad_batches is None or t.accumulate_grad_batches >= 1, "at least 1"),
         ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps,
-         t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 1, "at least 1"),
+         t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 0, "at least 0 (0: off)"),
         ("validation.ransac_thr", v.ransac_thr, v.ransac_thr > 0, "positive"),
         ("validation.ransac_conf", v.ransac_conf, 0 < v.ransac_conf < 1, "in (0, 1)"),
         ("validation.epi_thr", v.epi_thr, v.epi_thr > 0, "positive"),
@@ -118,22 +123,21 @@ def _check_data_values(cfg: DictConfig, reference: DictConfig) -> None:
         raise ConfigError(f"invalid {which}: data.name cannot change the kind of data of data config "
                           f"{reference.get('name')!r} (its keys are that kind's); choose another with data=NAME")
     checks = []
-    if "image_size" in data:
+    if data.get("image_size") is not None:
         size = list(data.image_size)
         checks.append(("data.image_size", size, len(size) == 2 and min(size) >= 8, "[H, W], each at least 8"))
-    for key in ("train_length", "val_length", "samples_per_scene"):
-        if key in data:
-            checks.append((f"data.{key}", data[key], data[key] >= 1, "at least 1"))
-    if "img_resize" in data:
-        checks.append(("data.img_resize", data.img_resize, data.img_resize >= 8, "at least 8"))
-    if "min_overlap_score" in data:
-        lo, hi = data.min_overlap_score, data.get("max_overlap_score", 1.0)
+    for key, least in (("train_length", 1), ("val_length", 1), ("samples_per_scene", 1), ("img_resize", 8)):
+        if data.get(key) is not None:
+            checks.append((f"data.{key}", data[key], data[key] >= least, f"at least {least}"))
+    if data.get("min_overlap_score") is not None:
+        lo, hi = data.min_overlap_score, data.get("max_overlap_score") or 1.0
         checks.append(("data.min_overlap_score / max_overlap_score", [lo, hi], 0 <= lo <= hi <= 1, "0 <= min <= max <= 1"))
-    if data.get("name") == "megadepth":
+    if data.get("name") == "megadepth" and cfg.batch_size > 1:
         # LoFTR asserts padding for training: the batches stack squares of img_resize and of depth_padding
-        checks.append(("data.img_padding", data.img_padding, data.img_padding or cfg.batch_size == 1,
-                       "true for batches of more than one pair (LoFTR pads every image to a square)"))
-        checks.append(("data.depth_padding", data.depth_padding, data.depth_padding >= 1, "at least 1"))
+        for key, default in (("img_padding", True), ("depth_padding", 2000)):
+            value = data.get(key, default)
+            checks.append((f"data.{key}", value, bool(value), "set for batches of more than one pair (LoFTR pads "
+                                                               "every image and depth map to a square)"))
     _out_of_range(checks, which)
 
 
@@ -152,7 +156,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data_overrides, rest = _split_data_overrides(overrides or [])
     if rest:
         cfg = merge_config(cfg, _dotlist(rest), "training config", "overrides")
-    check_types(cfg, defaults, "training config", nullable=("trainer.",))
+    check_types(cfg, defaults, "training config", nullable=TRAIN_NULLABLE)
     _check_values(cfg)
     data_reference = None
     if isinstance(cfg.data, str):
@@ -208,7 +212,7 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if data_overrides:
         merged = merge_config(merged, _dotlist(data_overrides), _data_config_name(cfg), "overrides")
     defaults = _load_yaml(_config_path("train", "default"), "training config")
-    check_types(merged, defaults, "training config", nullable=("trainer.",))
+    check_types(merged, defaults, "training config", nullable=TRAIN_NULLABLE)
     _check_values(merged)
     _check_data_values(merged, cfg.data)
     changed = [key for key in _leaf_keys(cfg, RESUME_FIXED_KEYS) if OmegaConf.select(cfg, key) != OmegaConf.select(merged, key)]
@@ -223,11 +227,13 @@ def merge_run_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return merged
 
 
-def build_model_config(cfg: DictConfig) -> DictConfig:
+def build_model_config(cfg: DictConfig, saved: Path | None = None) -> DictConfig:
     """The model config named by ``cfg.model`` with ``cfg.model_overrides`` merged over it; errors are
-    :class:`ConfigError` s of one line."""
+    :class:`ConfigError` s of one line. ``saved``: a resumed run's ``model.yaml``, used instead of the named
+    config, so that the run keeps the model settings it started with when the named config's defaults
+    change between versions."""
     try:
-        model_cfg = load_config(cfg.model)
+        model_cfg = load_config(saved if saved is not None else cfg.model)
         if cfg.model_overrides:
             overrides = OmegaConf.to_container(cfg.model_overrides)
             model_cfg = merge_config(model_cfg, overrides, source=f"{cfg.model!r} + model_overrides")
@@ -502,7 +508,8 @@ class MatcherDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSubsetSampler(
             self.train_groups, self.samples_per_group, self.seed + 1000 * self._rank(),
-            replacement=bool(self.data_cfg.get("sample_with_replacement", True)),
+            # a run saved before the key existed drew without replacement and keeps doing so when resumed
+            replacement=bool(self.data_cfg.get("sample_with_replacement", False)),
         )
         if self.trainer is not None:
             sampler.resume_at(*resume_position(self.trainer, self.batch_size, self.batches_per_epoch()))

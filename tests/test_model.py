@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -190,6 +192,7 @@ def test_unknown_config_key_is_an_error():
     ("match_coarse.border_rm", -3, "border_rm must be at least 0"),
     ("inference.resize", 4, "inference.resize must be null or at least 8"),
     ("coarse", 5, "coarse must be a mapping of keys"),
+    ("backbone_type", "VGG", "backbone_type must be one of ResNetFPN"),
 ])
 def test_values_changed_after_load_config_are_checked_when_building(key, value, match):
     from omegaconf import OmegaConf
@@ -201,6 +204,14 @@ def test_values_changed_after_load_config_are_checked_when_building(key, value, 
     top, _, rest = key.partition(".")  # the same mistake through load_config
     with pytest.raises(ValueError, match=match):
         load_config("lite", **{top: {rest: value} if rest else value})
+
+
+def test_a_config_missing_keys_names_the_first():
+    from omegaconf import OmegaConf
+
+    partial = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / "lite.yaml")
+    with pytest.raises(ValueError, match="key backbone_type is missing .*load_config"):
+        Matcher(partial)
 
 
 def test_train_coarse_percent_counts_candidates_as_loftr():

@@ -49,9 +49,14 @@ def test_train_checkpoint_and_resume(train_main, tmp_path):
     assert list((run / "val_figures").glob("*.png"))
     metrics = (run / "logs" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/auc@5" in metrics
-    # continue the same run to a larger budget: the step count carries on from the checkpoint
+    # continue the same run to a larger budget: the step count carries on from the checkpoint, with the
+    # model settings the run started with (its model.yaml), even where the named config's defaults changed
+    saved = (run / "model.yaml").read_text()
+    assert "train_coarse_percent: 0.3\n" in saved  # lite's
+    (run / "model.yaml").write_text(saved.replace("train_coarse_percent: 0.3\n", "train_coarse_percent: 0.25\n"))
     assert train_main(["--resume", str(run), "--max-steps", "3"]) == 0
     assert _step(last) == 3
+    assert "train_coarse_percent: 0.25\n" in (run / "model.yaml").read_text()
     # the first segment's log is kept beside the new one, not deleted by the logger
     assert "train/loss" in (run / "logs" / "metrics-0.csv").read_text()
     # the checkpoint holds plain data and loads with weights_only=True into the matcher
@@ -61,8 +66,10 @@ def test_train_checkpoint_and_resume(train_main, tmp_path):
 
 
 def test_nan_loss_stops_the_run(train_main, tmp_path):
+    # a NaN weight is refused as a config value; 1e39 overflows float32, so the loss is infinite
+    assert train_main(_args(tmp_path / "nan", "--max-steps", "2", "--set", "loss.coarse_weight=.nan")) == 2
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
-        train_main(_args(tmp_path / "nan", "--max-steps", "2", "--set", "loss.coarse_weight=.nan"))
+        train_main(_args(tmp_path / "inf", "--max-steps", "2", "--set", "loss.coarse_weight=1e39"))
     assert not (tmp_path / "nan" / "checkpoints" / "last.ckpt").exists()
 
 
@@ -153,7 +160,7 @@ def test_warmup_longer_than_the_run_is_capped_and_kept_on_resume(train_main, tmp
         (["--set", "data.image_size=[10]"], "invalid data config 'synthetic': data.image_size must be [H, W], each at least 8"),
         (["--set", "data.name=megadepth"], "invalid data config 'megadepth': data.name cannot change the kind of data"),
         (["--data", "megadepth", "--batch-size", "2", "--set", "data.img_padding=false"],
-         "invalid data config 'megadepth': data.img_padding must be true for batches of more than one pair"),
+         "invalid data config 'megadepth': data.img_padding must be set for batches of more than one pair"),
         (["--set", "model_overrides.coarse.temp_bug_fix=fasle"], "invalid model config: coarse.temp_bug_fix must be true or false"),
         (["--set", "model_overrides.coarse.nhead=eight"], "invalid model config: coarse.nhead must be an integer"),
         (["--set", "model_overrides=5"], "invalid training config: model_overrides must be a mapping of keys, got 5"),

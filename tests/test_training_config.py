@@ -258,3 +258,18 @@ def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(tmp_path, workers, 
 
     whole = fit(tmp_path / "whole", 12)
     assert fit(tmp_path / "split", stop) + fit(tmp_path / "split", 12, resume=True) == whole
+
+
+def test_optional_values_stay_accepted(tmp_path):
+    # a data YAML with only the keys its loader needs, null model overrides, checkpoints off (Lightning's 0)
+    minimal = "name: megadepth\nroot: r\ntrain_index_dir: t\nval_index_dir: v\nmin_overlap_score: 0.0\n" \
+              "samples_per_scene: 10\nimg_resize: 640\n"
+    (tmp_path / "md.yaml").write_text(minimal)
+    (tmp_path / "md_nodepthpad.yaml").write_text(minimal + "depth_padding: null\n")
+    for data, batch in (("md", 1), ("md", 2), ("md_nodepthpad", 1)):
+        overrides = [f"data={tmp_path / data}.yaml", f"batch_size={batch}", "model_overrides=null",
+                     "trainer.checkpoint_every_n_steps=0"]
+        cfg = load_train_config(None, overrides)
+        assert cfg.data.name == "megadepth" and cfg.model_overrides is None
+    with pytest.raises(ConfigError, match="data.depth_padding must be set for batches of more than one pair"):
+        load_train_config(None, [f"data={tmp_path / 'md_nodepthpad.yaml'}", "batch_size=2"])

@@ -263,12 +263,13 @@ def test_dataset_samples_with_scale_and_padding(scripts: dict[str, ModuleType], 
     assert pair.image0.shape == (192, 256) and pair.image1.shape == (192, 256)
     prediction = SIFTMatcher().match(pair.image0, pair.image1, resize=None)
     result = pose_module.evaluate_pose_pair(prediction, pair.truth, 0.5, 0.99999, 5e-4)
-    assert result["pose_error"] < 3.0 and result["precision"] > 0.7
+    # OpenCV 4.12 / 4.14: 5.6 degrees (all 311 inliers correct); 5.1: 2.3. Unscaled (below): 23 / 69 degrees
+    assert result["pose_error"] < 10.0 and result["precision"] > 0.7
     # The precision threshold is the one given: none of the keypoints lies exactly on its epipolar line.
     assert pose_module.evaluate_pose_pair(prediction, pair.truth, 0.5, 0.99999, 1e-30)["precision"] == 0.0
     # Without the scale the keypoints are in the wrong frame: the pose is far off.
     unscaled = pose_module.evaluate_pose_pair(prediction, {**pair.truth, "scale0": np.ones(2), "scale1": np.ones(2)}, 0.5, 0.99999, 5e-4)
-    assert unscaled["precision"] < result["precision"]
+    assert unscaled["precision"] < result["precision"] and unscaled["pose_error"] > 3 * result["pose_error"]
     bad = {**sample, "T_0to1": torch.full((4, 4), float("inf"))}
     with pytest.raises(ValueError, match="missing pose"):
         pose_module.load_sample_pair([bad], 0)

@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytorch_lightning as pl
@@ -86,34 +86,39 @@ def _out_of_range(checks: list[tuple[str, Any, bool, str]], which: str) -> None:
             raise ConfigError(f"invalid {which}: {key} must be {wanted}, got {value!r}")
 
 
+#: Ranges of the training config's numbers: ``(key, test, what it must be)`` (types are checked before, by
+#: :func:`check_types`; a key that is null or missing, as in a run folder written before it existed, is skipped).
+TRAIN_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("batch_size", lambda x: x >= 1, "at least 1"),
+    ("num_workers", lambda x: x >= 0, "at least 0"),
+    ("optim.canonical_lr", lambda x: x > 0, "positive"),
+    ("optim.canonical_bs", lambda x: x >= 1, "at least 1"),
+    ("optim.weight_decay", lambda x: x >= 0, "at least 0"),
+    ("optim.warmup_steps", lambda x: x >= 0, "at least 0"),
+    ("optim.warmup_ratio", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("optim.warmup_cap_fraction", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("optim.milestones", lambda x: all(m >= 0 for m in x), "epochs, at least 0"),
+    ("optim.gamma", lambda x: x > 0, "positive"),
+    *((f"loss.{k}", lambda x: x >= 0, "at least 0")
+      for k in ("coarse_weight", "fine_weight", "focal_gamma", "pos_weight", "neg_weight")),
+    ("loss.focal_alpha", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("loss.fine_correct_thr", lambda x: x > 0, "positive"),
+    ("trainer.num_nodes", lambda x: x >= 1, "at least 1"),
+    ("trainer.accumulate_grad_batches", lambda x: x >= 1, "at least 1"),
+    ("trainer.checkpoint_every_n_steps", lambda x: x >= 0, "at least 0 (0: off)"),
+    ("validation.ransac_thr", lambda x: x > 0, "positive"),
+    ("validation.ransac_conf", lambda x: 0 < x < 1, "in (0, 1)"),
+    ("validation.epi_thr", lambda x: x > 0, "positive"),
+    ("validation.figures", lambda x: x >= 0, "at least 0"),
+)
+
+
 def _check_values(cfg: DictConfig) -> None:
-    """Ranges of the training config's numbers (types are checked before, by :func:`check_types`)."""
-    o, t, v, loss = cfg.optim, cfg.trainer, cfg.validation, cfg.loss
-    fraction = o.get("warmup_cap_fraction", WARMUP_CAP_FRACTION)
-    _out_of_range([
-        ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
-        ("num_workers", cfg.num_workers, cfg.num_workers >= 0, "at least 0"),
-        ("optim.canonical_lr", o.canonical_lr, o.canonical_lr > 0, "positive"),
-        ("optim.canonical_bs", o.canonical_bs, o.canonical_bs >= 1, "at least 1"),
-        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "at least 0"),
-        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "at least 0"),
-        ("optim.warmup_ratio", o.warmup_ratio, 0 <= o.warmup_ratio <= 1, "in [0, 1]"),
-        ("optim.warmup_cap_fraction", fraction, 0.0 <= fraction <= 1.0, "in [0, 1]"),
-        ("optim.milestones", list(o.milestones), all(m >= 0 for m in o.milestones), "epochs, at least 0"),
-        ("optim.gamma", o.gamma, o.gamma > 0, "positive"),
-        ("loss.focal_alpha", loss.focal_alpha, 0 <= loss.focal_alpha <= 1, "in [0, 1]"),
-        ("loss.fine_correct_thr", loss.fine_correct_thr, loss.fine_correct_thr > 0, "positive"),
-        ("trainer.num_nodes", t.num_nodes, t.num_nodes is None or t.num_nodes >= 1, "at least 1"),
-        ("trainer.accumulate_grad_batches", t.accumulate_grad_batches,
-         t.accumulate_grad_batches is None or t.accumulate_grad_batches >= 1, "at least 1"),
-        ("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps,
-         t.checkpoint_every_n_steps is None or t.checkpoint_every_n_steps >= 0, "at least 0 (0: off)"),
-        ("validation.ransac_thr", v.ransac_thr, v.ransac_thr > 0, "positive"),
-        ("validation.ransac_conf", v.ransac_conf, 0 < v.ransac_conf < 1, "in (0, 1)"),
-        ("validation.epi_thr", v.epi_thr, v.epi_thr > 0, "positive"),
-        ("validation.figures", v.figures, v.figures >= 0, "at least 0"),
-    ] + [(f"loss.{k}", loss[k], loss[k] >= 0, "at least 0")
-         for k in ("coarse_weight", "fine_weight", "focal_gamma", "pos_weight", "neg_weight")], "training config")
+    """One ConfigError for the first value of :data:`TRAIN_RANGES` out of its range."""
+    for key, test, wanted in TRAIN_RANGES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not test(value):
+            raise ConfigError(f"invalid training config: {key} must be {wanted}, got {one_line(value)}")
 
 
 def _check_data_values(cfg: DictConfig, reference: DictConfig) -> None:

@@ -273,3 +273,9 @@ def test_optional_values_stay_accepted(tmp_path):
         assert cfg.data.name == "megadepth" and cfg.model_overrides is None
     with pytest.raises(ConfigError, match="data.depth_padding must be set for batches of more than one pair"):
         load_train_config(None, [f"data={tmp_path / 'md_nodepthpad.yaml'}", "batch_size=2"])
+    # a run folder's config.yaml written before a key existed still resumes (ranges skip missing keys)
+    from matcher.training import merge_run_overrides
+
+    saved = OmegaConf.to_container(load_train_config(None))
+    del saved["validation"]["epi_thr"], saved["optim"]["warmup_cap_fraction"]
+    assert merge_run_overrides(OmegaConf.create(saved), ["trainer.max_steps=5"]).trainer.max_steps == 5

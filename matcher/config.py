@@ -7,7 +7,7 @@ The tree is named like LoFTR's lower-case config (``backbone_type``, ``resnetfpn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
@@ -208,7 +208,7 @@ def validate_config(cfg: DictConfig) -> None:
         if value not in choices:
             raise ConfigError(f"invalid model config: {key} must be one of {', '.join(choices)}, got {value!r}")
     _check_widths(cfg)
-    _check_ranges(cfg)
+    check_ranges(cfg, MODEL_RANGES, "model config")
 
 
 def _check_widths(cfg: DictConfig) -> None:
@@ -231,19 +231,23 @@ def _check_widths(cfg: DictConfig) -> None:
         raise ConfigError(f"coarse.mlp_ratio must be at least 1, got {coarse.mlp_ratio}")
 
 
-def _check_ranges(cfg: DictConfig) -> None:
-    mc = cfg.match_coarse
-    if cfg.fine_window_size < 1 or cfg.fine_window_size % 2 != 1:
-        raise ConfigError(f"fine_window_size must be odd and positive, got {cfg.fine_window_size}")
-    ranges = (
-        ("match_coarse.thr", mc.thr, 0.0 <= mc.thr <= 1.0, "in [0, 1]"),
-        ("match_coarse.border_rm", mc.border_rm, mc.border_rm >= 0, "at least 0"),
-        ("match_coarse.dsmax_temperature", mc.dsmax_temperature, mc.dsmax_temperature > 0, "positive"),
-        ("match_coarse.train_coarse_percent", mc.train_coarse_percent, 0 < mc.train_coarse_percent <= 1, "in (0, 1]"),
-        ("match_coarse.train_pad_num_gt_min", mc.train_pad_num_gt_min, mc.train_pad_num_gt_min >= 0, "at least 0"),
-        ("inference.resize", cfg.inference.resize, cfg.inference.resize is None or cfg.inference.resize >= 8,
-         "null or at least 8 (one coarse cell)"),
-    )
-    for key, value, ok, wanted in ranges:
-        if not ok:
-            raise ConfigError(f"invalid model config: {key} must be {wanted}, got {value!r}")
+#: Ranges of the model config's numbers: ``(key, test, what it must be)``; null values are skipped (only
+#: :data:`NULLABLE_MODEL_KEYS` pass the type check as null).
+MODEL_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("fine_window_size", lambda x: x >= 1 and x % 2 == 1, "odd and positive"),
+    ("match_coarse.thr", lambda x: 0.0 <= x <= 1.0, "in [0, 1]"),
+    ("match_coarse.border_rm", lambda x: x >= 0, "at least 0"),
+    ("match_coarse.dsmax_temperature", lambda x: x > 0, "positive"),
+    ("match_coarse.train_coarse_percent", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("match_coarse.train_pad_num_gt_min", lambda x: x >= 0, "at least 0"),
+    ("inference.resize", lambda x: x >= 8, "null or at least 8 (one coarse cell)"),
+)
+
+
+def check_ranges(cfg: DictConfig, ranges: Sequence[tuple[str, Callable[[Any], bool], str]], which: str) -> None:
+    """One :class:`ConfigError` for the first ``(key, test, wanted)`` of ``ranges`` whose value fails its test;
+    a key that is null or missing (a run folder written before it existed) is skipped."""
+    for key, test, wanted in ranges:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not test(value):
+            raise ConfigError(f"invalid {which}: {key} must be {wanted}, got {one_line(value)}")

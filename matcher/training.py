@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .config import ConfigError, check_types, load_config, merge_config, one_line, validate_config
+from .config import ConfigError, check_ranges, check_types, load_config, merge_config, one_line, validate_config
 from .model import Matcher
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -114,11 +114,7 @@ TRAIN_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 
 def _check_values(cfg: DictConfig) -> None:
-    """One ConfigError for the first value of :data:`TRAIN_RANGES` out of its range."""
-    for key, test, wanted in TRAIN_RANGES:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not test(value):
-            raise ConfigError(f"invalid training config: {key} must be {wanted}, got {one_line(value)}")
+    check_ranges(cfg, TRAIN_RANGES, "training config")
 
 
 def _check_data_values(cfg: DictConfig, reference: DictConfig) -> None:

@@ -16,6 +16,14 @@ from .conftest import textured_image
 ort = pytest.importorskip("onnxruntime")
 
 
+def random_lite() -> Matcher:
+    """Random `lite` weights, every mutual nearest neighbour a match, and one self / cross pair of coarse
+    layers (the ops of all eight, a quarter of the graph to trace)."""
+    torch.manual_seed(0)
+    cfg = load_config("lite", match_coarse={"thr": 0.0}, coarse={"layer_names": ["self", "cross"]})
+    return Matcher(cfg).eval()
+
+
 @pytest.mark.parametrize("chunked_matching", [False, True])
 def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
     if chunked_matching:  # the row-chunked coarse matcher of large pairs, traced into the graph
@@ -23,8 +31,7 @@ def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
 
         monkeypatch.setattr(matching, "CPU_DENSE_MATCHING_MAX_ENTRIES", 0)
         monkeypatch.setattr(matching, "MATCHING_CHUNK_ENTRIES", 192 * 64)  # 5 chunks of query rows
-    torch.manual_seed(0)
-    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    model = random_lite()
     path = export_onnx(model, tmp_path / "lite.onnx", size0=(120, 160), size1=(96, 128))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for seed in (1, 2):
@@ -44,8 +51,7 @@ def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
 def test_onnx_export_of_auto_precision_traces_float32(tmp_path):
     """``feature_dtype: auto`` (the default) exports on a CPU with native bf16 too: the graph is traced in
     float32 and gives the float32 model's matches, not bf16 ones."""
-    torch.manual_seed(0)
-    model = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    model = random_lite()
     assert model.feature_dtype() == "bfloat16"
     path = export_onnx(model, tmp_path / "lite.onnx", size0=(96, 128))
     image0, image1 = (torch.from_numpy(textured_image(96, 128, seed))[None, None] for seed in (1, 2))

@@ -205,7 +205,9 @@ def test_cli_bf16_flag_reaches_the_matcher_config(tmp_path, capsys):
     file then refuses a float32 run (the setting is part of the matcher's fingerprint)."""
     _images(tmp_path / "img", ["a.png", "b.png"])
     (tmp_path / "pairs.txt").write_text("a.png b.png\n")
-    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5")]
+    # at the images' own size: the config's 640 px would run bf16 at 480x640, slow on CPUs without native bf16
+    args = [str(tmp_path / "pairs.txt"), "--image-dir", str(tmp_path / "img"), "--out", str(tmp_path / "m.h5"),
+            "--resize", "64"]
     assert mp.main(args + ["--bf16"]) == 0
     assert mp.main(args) == 2
     assert "different matcher or settings" in capsys.readouterr().err

@@ -64,18 +64,18 @@ def test_fused_kernel_half_precision_computes_in_float32(device):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "hw0,hw1",
+    "hw0,hw1,layer",
     [
-        ((64, 80), (64, 80)),  # both images in one batch, the kernel reading the channels-last projections
-        ((40, 56), (56, 72)),  # coarse 5x7 and 7x9, padded to 8x8 and 8x12 with masks: cross grids, padded keys
+        ((64, 80), (64, 80), "self"),  # both images in one batch, the kernel reading the channels-last projections
+        ((40, 56), (56, 72), "cross"),  # coarse 5x7 and 7x9, padded to 8x8 and 8x12 with masks: cross grids, padded keys
     ],
 )
-def test_matcher_with_the_fused_kernel_gives_the_same_matches(device, hw0, hw1):
+def test_matcher_with_the_fused_kernel_gives_the_same_matches(device, hw0, hw1, layer):
     torch.manual_seed(0)
     cfg = load_config("lite")
     cfg.match_coarse.thr = 0.0
     cfg.coarse.kernel = "torch"
-    cfg.coarse.nhead, cfg.coarse.layer_names = 4, ["self", "cross"]  # few kernel programs: the interpreter is slow
+    cfg.coarse.nhead, cfg.coarse.layer_names = 4, [layer]  # few kernel programs: the interpreter is slow
     model = Matcher(cfg).eval().to(device)
     g = torch.Generator().manual_seed(1)
     batch = {k: torch.rand(1, 1, *hw, generator=g).to(device) for k, hw in (("image0", hw0), ("image1", hw1))}

@@ -19,8 +19,8 @@ raw numbers) + ``benchmark.md`` in ``--out``.
 Weights: timings use seeded random weights with the coarse threshold at 0, so every mutual nearest neighbour
 is a match and the fine stage runs as with trained weights (speed depends on weights only through the number
 of matches, which is reported, and through what the coarse matcher can skip, which needs a threshold above 0:
-random weights time its worst case); the agreement of the faster paths (bf16 autocast; on CPU the default
-Winograd backbone against direct convolutions) and the coarse matching section use the shipped default
+random weights time its worst case); the agreement of the faster paths (bf16 autocast; on CPU Winograd on
+every 3x3 layer against direct convolutions) and the coarse matching section use the shipped default
 weights (real matches, their threshold).
 
 Memory: like the command-line tools, the benchmark (and its child processes) keeps freed memory for reuse
@@ -61,7 +61,7 @@ TARGETS = (
     ("GPU 1152x1152: ours / kornia LoFTR time (fp32)", "gpu_time_ratio_1152", "<=", 1.0),
     ("bf16 path keeps fp32 matches within 1 px", "bf16_agreement", ">=", 0.95),
     ("bf16 features (backbone + coarse transformer only) keep fp32 matches within 1 px", "bf16_features_agreement", ">=", 0.95),
-    ("Winograd backbone (default) keeps the direct path's matches within 1 px", "winograd_agreement", ">=", 0.95),
+    ("Winograd on every 3x3 layer keeps the direct path's matches within 1 px", "winograd_agreement", ">=", 0.95),
 )
 
 
@@ -452,7 +452,7 @@ def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, 
 def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dtype]) -> dict:
     """Share of the reference matches that a faster path keeps within 1 px, with the shipped default weights:
     each autocast dtype against fp32 (with bf16 also ``inference.feature_dtype: bfloat16``, the backbone and
-    coarse transformer alone in bf16), and (on CPU) the Winograd backbone against direct convolutions."""
+    coarse transformer alone in bf16), and (on CPU) Winograd on every 3x3 layer against direct convolutions."""
     from matcher import Matcher
 
     model = Matcher.from_pretrained("default").to(device)
@@ -470,10 +470,13 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
             new = run_pair(model, x0, x1)
             model.config.inference.feature_dtype = "float32"
             result["bf16_features"] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
-    if device == "cpu":
+    if device == "cpu":  # Winograd on all 14 layers (AVX-512 CPUs' default; others take it from 160 channels)
+        model.backbone.set_winograd(True, min_channels=0)
+        every = run_pair(model, x0, x1)
         model.backbone.set_winograd(False)
         direct = run_pair(model, x0, x1)
-        result.update(direct_matches=len(direct["keypoints0"]), winograd_kept_within_1px=kept(direct, ref))
+        result.update(direct_matches=len(direct["keypoints0"]), winograd_matches=len(every["keypoints0"]),
+                      winograd_kept_within_1px=kept(direct, every))
     return result
 
 
@@ -506,6 +509,43 @@ def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) ->
                      "same_matches": all(torch.equal(a, b) for a, b in zip(restricted[:3], full[:3])),
                      "restricted_s": seconds["restricted"], "full_s": seconds["full"]})
     return {"weights": "default (lite)", "thr": mc.thr, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------- Winograd
+def winograd_break_even(rows: list[dict[str, Any]]) -> int | None:
+    """The smallest width from which Winograd was faster at every width measured (``rows``: ``channels`` and
+    ``ratio`` = Winograd / direct time, any order), or None if it lost at the widest."""
+    ordered = sorted(rows, key=lambda r: r["channels"])
+    even = None
+    for row in reversed(ordered):
+        if row["ratio"] >= 1.0:
+            break
+        even = row["channels"]
+    return even
+
+
+def section_winograd(widths: list[int], hw: tuple[int, int], repeats: int) -> dict:
+    """CPU, float32: one 3x3 convolution (C -> C channels, bias and ReLU, batch 2, channels-last) as
+    Winograd F(4x4, 3x3) and as oneDNN's direct convolution, interleaved, per width; where Winograd starts to
+    win here, beside the threshold the backbone uses on this CPU (:func:`matcher.winograd.default_min_channels`)."""
+    import torch.nn.functional as F
+
+    from matcher import winograd
+
+    rows = []
+    for c in widths:
+        g = torch.Generator().manual_seed(c)
+        x = torch.randn(2, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, c, 3, 3, generator=g) * 0.05, torch.randn(c, generator=g)
+        direct_weight = weight.contiguous(memory_format=torch.channels_last)
+        seconds = median_times({
+            "winograd": lambda: winograd.conv3x3_winograd(x, weight, bias, 0.0),
+            "direct": lambda: F.relu(F.conv2d(x, direct_weight, bias, padding=1), inplace=True),
+        }, repeats, "cpu")
+        rows.append({"channels": c, "winograd_s": seconds["winograd"], "direct_s": seconds["direct"],
+                     "ratio": seconds["winograd"] / seconds["direct"]})
+    return {"hw": list(hw), "rows": rows, "break_even": winograd_break_even(rows),
+            "threshold_here": winograd.default_min_channels(), "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -726,7 +766,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                       f"({row['matches']} matches)", ""]
         if "winograd_kept_within_1px" in a:
             lines += [f"Winograd agreement ({where}): {100 * a['winograd_kept_within_1px']:.1f}% of the {a['direct_matches']} "
-                      f"matches with direct convolutions kept within 1 px ({a['fp32_matches']} with Winograd)", ""]
+                      f"matches with direct convolutions kept within 1 px ({a['winograd_matches']} with Winograd on every "
+                      "3x3 layer)", ""]
     if "attention" in results:
         lines += ["## Attention layer (d_model 256, 8 heads): QuadTree-B (top-k 32/16/16) vs exact softmax (SDPA)", "",
                   "Both with the same q/k/v and output projections; SDPA runs over query chunks whose score matrix stays under 1 GB "
@@ -780,6 +821,14 @@ def render_markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {size} | {k} | {1 / v:.2f} | {row['matches'][k]} | {'n/a' if peak is None else f'{peak:.0f}'} |")
             lines += [f"| {size} | {k} | failed: {e} | | |" for k, e in row["errors"].items()]
         lines.append("")
+    if "winograd" in results:
+        w = results["winograd"]
+        even = "at no width measured" if w["break_even"] is None else f"from {w['break_even']} channels"
+        lines += [f"## Winograd vs direct convolution (one 3x3 layer, C -> C, batch 2, {w['hw'][1]}x{w['hw'][0]}, float32)", "",
+                  "| channels | Winograd s | direct s | Winograd / direct |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['channels']} | {r['winograd_s']:.4f} | {r['direct_s']:.4f} | {r['ratio']:.2f} |" for r in w["rows"]]
+        lines += ["", f"Winograd wins here {even}; the backbone takes it from {w['threshold_here']} channels on this CPU "
+                  f"(capability {w['capability']}, `matcher.winograd.MIN_CHANNELS`).", ""]
     if "profile" in results:
         lines += render_profile(results["profile"], results["machine"]["device"])
     lines += ["## Targets", ""]
@@ -811,7 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--sections", default="e2e,agreement,attention,matching,memory,flops,gpu,profile", help="comma-separated subset")
+    p.add_argument("--sections", default="e2e,agreement,attention,matching,memory,winograd,flops,gpu,profile", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, and 5 for the end-to-end and attention sections, whose ratios are targets; quick 1)")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
@@ -869,6 +918,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads,
                 "reuse_freed_memory": reuse_memory}
         results["memory"] = {"hw": list(hw), **run_child(spec)}
+    if "winograd" in sections and device == "cpu":
+        print("Winograd vs direct convolution by width ...", flush=True)
+        widths, hw = ([8, 16, 32], (16, 24)) if quick else ([64, 96, 128, 160, 196, 256], (120, 160))
+        results["winograd"] = section_winograd(widths, hw, max(repeats, 1 if quick else 7))
     if "flops" in sections:
         print("FLOPs per stage ...", flush=True)
         rates = results["matmul_gflops"]

@@ -4,7 +4,9 @@ Speed: activations are kept channels-last (oneDNN's and cuDNN's native layout: n
 convolution), and in eval mode each batch norm is folded into the convolution before it, so a conv-BN-ReLU
 is one convolution plus one in-place activation instead of three passes over the map. With ``winograd``,
 CPU inference runs the 3x3 stride-1 convolutions (95% of the arithmetic) as Winograd F(4x4, 3x3)
-(:mod:`matcher.winograd`, 1.5x faster, float32 results within about 1e-5 of the direct convolution).
+(:mod:`matcher.winograd`, float32 results within about 1e-5 of the direct convolution) where the layer is
+wide enough for it to be faster on this CPU (:func:`matcher.winograd.pays_off`: every layer on AVX-512,
+1.3-1.9x faster there; from 160 channels on AVX2).
 Training runs the modules as they are (batch statistics). Parameter names are LoFTR's, so its checkpoints
 load unchanged.
 """
@@ -15,32 +17,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .winograd import activate_, conv3x3_winograd
+from .winograd import activate_, conv3x3_winograd, pays_off
 
 
 def conv1x1(in_dim: int, out_dim: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_dim, out_dim, kernel_size=1, stride=stride, bias=False)
 
 
-def _winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` on ``x`` may run as Winograd: a 3x3 stride-1 convolution in CPU float inference
-    (no autograd, no autocast, no tracing for export, where the graph must keep the plain convolution)."""
+def _winograd_applies(x: torch.Tensor, conv: nn.Conv2d, min_channels: int | None = None) -> bool:
+    """Whether ``conv`` on ``x`` may run as Winograd: a 3x3 stride-1 convolution wide enough for it
+    (:func:`~matcher.winograd.pays_off` with ``min_channels``) in CPU float inference (no autograd, no
+    autocast, no tracing for export, where the graph must keep the plain convolution)."""
     return (
         x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-        and conv.dilation == (1, 1) and conv.groups == 1
+        and conv.dilation == (1, 1) and conv.groups == 1 and pays_off(conv.in_channels, conv.out_channels, min_channels)
         and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
     )
 
 
 def conv_bn(
-    x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, negative_slope: float | None = None, winograd: bool = False
+    x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, negative_slope: float | None = None, winograd: bool = False,
+    min_channels: int | None = None,
 ) -> torch.Tensor:
     """``act(bn(conv(x)))`` with ``act`` none (``negative_slope`` None), ReLU (0) or LeakyReLU.
 
     In eval mode one convolution with the batch norm folded into its weight and bias, run as Winograd
-    when ``winograd`` is set and :func:`_winograd_applies`.
+    when ``winograd`` is set and :func:`_winograd_applies` (``min_channels``: its width threshold).
     """
     if bn.training:
         return activate_(bn(conv(x)), negative_slope)
@@ -49,15 +53,15 @@ def conv_bn(
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
-    if winograd and _winograd_applies(x, conv):
+    if winograd and _winograd_applies(x, conv, min_channels):
         return conv3x3_winograd(x, weight, bias, negative_slope)
     weight = weight.contiguous(memory_format=torch.channels_last)
     return activate_(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), negative_slope)
 
 
-def _conv(x: torch.Tensor, conv: nn.Conv2d, winograd: bool) -> torch.Tensor:
+def _conv(x: torch.Tensor, conv: nn.Conv2d, winograd: bool, min_channels: int | None = None) -> torch.Tensor:
     """``conv(x)``, as Winograd when ``winograd`` is set and :func:`_winograd_applies`."""
-    if winograd and _winograd_applies(x, conv):
+    if winograd and _winograd_applies(x, conv, min_channels):
         return conv3x3_winograd(x, conv.weight, conv.bias)
     return conv(x)
 
@@ -72,6 +76,7 @@ class BasicBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, stride: int = 1, winograd: bool = False) -> None:
         super().__init__()
         self.winograd = winograd  # 3x3 stride-1 convolutions as Winograd in CPU inference
+        self.winograd_min_channels: int | None = None  # where wide enough (None: this CPU's threshold)
         self.conv1 = conv3x3(in_dim, out_dim, stride)
         self.conv2 = conv3x3(out_dim, out_dim)
         self.bn1 = nn.BatchNorm2d(out_dim)
@@ -81,8 +86,8 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(conv1x1(in_dim, out_dim, stride), nn.BatchNorm2d(out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = conv_bn(x, self.conv1, self.bn1, 0.0, self.winograd)
-        y = conv_bn(y, self.conv2, self.bn2, None, self.winograd)
+        y = conv_bn(x, self.conv1, self.bn1, 0.0, self.winograd, self.winograd_min_channels)
+        y = conv_bn(y, self.conv2, self.bn2, None, self.winograd, self.winograd_min_channels)
         if self.downsample is not None:
             x = conv_bn(x, self.downsample[0], self.downsample[1])
         return F.relu(y.add_(x), inplace=True)
@@ -98,10 +103,10 @@ def _fpn_merge(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     return fine + up[..., : fine.shape[2], : fine.shape[3]]
 
 
-def _outconv2(block: nn.Sequential, x: torch.Tensor, winograd: bool) -> torch.Tensor:
+def _outconv2(block: nn.Sequential, x: torch.Tensor, winograd: bool, min_channels: int | None) -> torch.Tensor:
     """An FPN ``conv3x3 -> BN -> LeakyReLU -> conv3x3`` block with the batch norm folded in eval mode."""
     conv_a, bn, act, conv_b = block
-    return _conv(conv_bn(x, conv_a, bn, act.negative_slope, winograd), conv_b, winograd)
+    return _conv(conv_bn(x, conv_a, bn, act.negative_slope, winograd, min_channels), conv_b, winograd, min_channels)
 
 
 class ResNetFPN(nn.Module):
@@ -109,14 +114,15 @@ class ResNetFPN(nn.Module):
 
     Input ``(B, 1, H, W)``; outputs ``(B, block_dims[2], ceil(H/8), ceil(W/8))`` and
     ``(B, block_dims[0], ceil(H/2), ceil(W/2))``. Coarse cell (x, y) sits on pixel (8x, 8y), fine cell
-    (x, y) on pixel (2x, 2y), for any image size. ``winograd``: run the 3x3 stride-1 convolutions as
-    Winograd F(4x4, 3x3) in CPU inference (see :func:`_winograd_applies`).
+    (x, y) on pixel (2x, 2y), for any image size. ``winograd``: run the 3x3 stride-1 convolutions that are
+    wide enough as Winograd F(4x4, 3x3) in CPU inference (see :func:`_winograd_applies`).
     """
 
     def __init__(self, initial_dim: int, block_dims: list[int], winograd: bool = False) -> None:
         super().__init__()
         d1, d2, d3 = block_dims
         self.winograd = winograd
+        self.winograd_min_channels: int | None = None
         self.conv1 = nn.Conv2d(1, initial_dim, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(initial_dim)
         self.layer1 = nn.Sequential(BasicBlock(initial_dim, d1, 1, winograd), BasicBlock(d1, d1, 1, winograd))  # 1/2
@@ -134,11 +140,17 @@ class ResNetFPN(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def set_winograd(self, enabled: bool) -> None:
-        """Switch the Winograd path of every block on or off (``resnetfpn.winograd`` sets it at build)."""
+    def set_winograd(self, enabled: bool, min_channels: int | None = None) -> None:
+        """Switch the Winograd path of every block on or off (``resnetfpn.winograd`` sets it at build). On,
+        it takes the convolutions of at least ``min_channels`` (geometric mean of input and output
+        channels; None: where it is faster on this CPU, :func:`~matcher.winograd.default_min_channels`;
+        0: all 14)."""
+        valid = min_channels is None or (type(min_channels) is int and min_channels >= 0)
+        if not valid:
+            raise ValueError(f"min_channels must be None or an integer >= 0, got {min_channels!r}")
         for module in self.modules():
             if isinstance(module, (ResNetFPN, BasicBlock)):
-                module.winograd = enabled
+                module.winograd, module.winograd_min_channels = enabled, min_channels
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 1, H, W)`` -> coarse ``(B, C3, H/8, W/8)`` and fine ``(B, C1, H/2, W/2)`` maps, both in
@@ -148,6 +160,7 @@ class ResNetFPN(nn.Module):
         x2 = self.layer2(x1)
         x3 = self.layer3(x2)
         coarse = self.layer3_outconv(x3)
-        x2_out = _outconv2(self.layer2_outconv2, _fpn_merge(self.layer2_outconv(x2), coarse), self.winograd)
-        fine = _outconv2(self.layer1_outconv2, _fpn_merge(self.layer1_outconv(x1), x2_out), self.winograd)
+        wide = self.winograd_min_channels
+        x2_out = _outconv2(self.layer2_outconv2, _fpn_merge(self.layer2_outconv(x2), coarse), self.winograd, wide)
+        fine = _outconv2(self.layer1_outconv2, _fpn_merge(self.layer1_outconv(x1), x2_out), self.winograd, wide)
         return coarse, fine

@@ -25,7 +25,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "resnetfpn": {
         "initial_dim": 128,  # channels of the 7x7 stride-2 stem
         "block_dims": [128, 196, 256],  # channels of the 1/2, 1/4 and 1/8 stages
-        "winograd": True,  # CPU inference: 3x3 convolutions as Winograd F(4x4,3x3), 1.6x faster on AVX-512 Xeons, ~1e-5 off
+        "winograd": True,  # CPU inference: 3x3 convolutions as Winograd F(4x4,3x3) where faster (~1e-5 off; winograd.pays_off)
     },
     "coarse": {
         "d_model": 256,  # token width of the coarse transformer (must equal block_dims[-1])

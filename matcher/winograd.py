@@ -16,6 +16,8 @@ transformed tiles stay in cache, and the bias and activation are applied to each
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,31 @@ _AT = torch.tensor(
 _INPUT_TRANSFORM = torch.kron(_BT, _BT)  # (36, 36)
 _OUTPUT_TRANSFORM = torch.kron(_AT, _AT)  # (16, 36)
 _FILTER_TRANSFORM = torch.kron(_G, _G)  # (36, 9)
+
+#: Width from which Winograd beats oneDNN's direct float32 convolution, by torch's CPU capability
+#: (``torch.backends.cpu.get_cpu_capability()``), as the geometric mean of a convolution's input and output
+#: channels: its transforms cost about C per pixel, its products 2.25 C^2 (direct: 9 C^2), so it pays off
+#: from some width on. Measured on 2 cores, batch 2 at 120x160 and 240x320: AVX2 (AMD EPYC Zen 3) 64-128
+#: channels 1.1-1.6x slower than direct, 160 even, 196-256 1.1-1.3x faster; AVX-512 (Intel Xeon) 128-256
+#: channels 1.3-1.9x faster (narrower layers not measured there: kept on).
+MIN_CHANNELS = {"AVX512": 0}
+
+#: The same for other CPUs (AVX2, ARM, ...): the AVX2 break-even.
+DEFAULT_MIN_CHANNELS = 160
+
+
+@functools.lru_cache(maxsize=1)
+def default_min_channels() -> int:
+    """:data:`MIN_CHANNELS` of this CPU."""
+    return MIN_CHANNELS.get(torch.backends.cpu.get_cpu_capability(), DEFAULT_MIN_CHANNELS)
+
+
+def pays_off(c_in: int, c_out: int, min_channels: int | None = None) -> bool:
+    """Whether a ``c_in -> c_out`` 3x3 convolution is wide enough for Winograd: ``sqrt(c_in * c_out) >=
+    min_channels`` (None: :func:`default_min_channels`; 0: always)."""
+    threshold = default_min_channels() if min_channels is None else min_channels
+    return c_in * c_out >= threshold * threshold
+
 
 #: Bytes of transformed tiles per chunk (the larger of input and output side): the chunk's temporaries
 #: then stay in the cores' caches between the transforms and the matrix products.

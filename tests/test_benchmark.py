@@ -119,6 +119,27 @@ def test_attention_section_times_every_grid_in_one_interleaved_run(bench, monkey
     assert rows[2]["sdpa_s"] is None and "estimated 256 s" in rows[2]["sdpa_note"] and rows[2]["sdpa_peak_mb"] is None
 
 
+def test_winograd_break_even_and_section(bench):
+    """The break-even is the smallest width from which Winograd won at every wider one; the section times both
+    convolutions per width and names this CPU's threshold."""
+    rows = lambda *ratios: [{"channels": c, "ratio": r} for c, r in zip((64, 128, 196, 256), ratios)]  # noqa: E731
+    assert bench.winograd_break_even(rows(1.2, 1.1, 0.9, 0.8)) == 196
+    assert bench.winograd_break_even(rows(0.9, 1.1, 0.9, 0.8)) == 196  # a narrow win below a loss does not count
+    assert bench.winograd_break_even(rows(0.9, 0.8, 0.9, 0.7)) == 64
+    assert bench.winograd_break_even(rows(0.9, 0.8, 0.9, 1.01)) is None
+    assert bench.winograd_break_even(list(reversed(rows(1.2, 1.1, 0.9, 0.8)))) == 196
+    from matcher import winograd
+
+    out = bench.section_winograd([4, 8], (8, 12), 1)
+    assert [r["channels"] for r in out["rows"]] == [4, 8] and out["hw"] == [8, 12]
+    assert all(r["winograd_s"] > 0 and r["direct_s"] > 0 and r["ratio"] == r["winograd_s"] / r["direct_s"] for r in out["rows"])
+    assert out["threshold_here"] == winograd.default_min_channels()
+    md = bench.render_markdown({"quick": True, "machine": {"cpu": "x", "threads": 1, "device": "cpu", "torch": "t",
+                                                           "cpu_capability": "c"},
+                                "matmul_gflops": {"fp32": 1.0}, "winograd": out, "ratios": {}})
+    assert "| 8 |" in md and "the backbone takes it from" in md
+
+
 def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},
@@ -205,7 +226,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert results["e2e"]["default"] == "ours_fp32"  # the tests see a CPU without native bf16 (conftest)
     assert results["e2e"]["time_ratio"] == results["e2e"]["time_ratio_fp32"]
     assert results["machine"]["reuse_freed_memory"] is True  # children (memory, attention) apply it too
-    assert 0.95 <= results["agreement"]["winograd_kept_within_1px"] <= 1.0
+    assert 0.95 <= results["agreement"]["winograd_kept_within_1px"] <= 1.0  # Winograd on all 14 layers vs direct
+    assert results["agreement"]["winograd_matches"] > 0 and results["agreement"]["direct_matches"] > 0
     if "bf16" in results["matmul_gflops"]:  # CPUs with AVX-512: the bf16 paths are timed and compared too
         assert "ours_bf16_features" in e2e and 0.0 <= results["agreement"]["bf16_features"]["kept_within_1px"] <= 1.0
     rows = results["attention"]["rows"]
@@ -223,6 +245,7 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert results["memory"]["first_seconds"] is None  # a warm-up pair only where kernels compile (CUDA)
     md = (tmp_path / "benchmark.md").read_text()
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
+    assert "with Winograd on every 3x3 layer)" in md
     assert "QuadTree-B FLOPs grow" in md and "from 64 to 256 tokens" in md
     # the quick sizes are not the targets': no attention ratio is reported as if measured at 19,200 tokens
     assert results["ratios"]["attention_speedup_19200"] is None and results["ratios"]["quadtree_time_growth_1"] is None

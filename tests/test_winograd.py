@@ -84,10 +84,10 @@ def _count_winograd_calls(monkeypatch) -> list[int]:
 
 def test_backbone_winograd_path_equals_direct_path(monkeypatch):
     """Eval-mode backbone with and without Winograd (float64): the same maps as each other and as the
-    modules run one by one; all 14 stride-1 3x3 convolutions take the Winograd path in inference, none
-    when autograd, autocast or export tracing is on."""
+    modules run one by one; with no width threshold all 14 stride-1 3x3 convolutions take the Winograd path
+    in inference, none when autograd, autocast or export tracing is on."""
     net = _random_backbone().eval().double()
-    net.set_winograd(True)
+    net.set_winograd(True, min_channels=0)
     image = torch.rand(2, 1, 37, 52, dtype=torch.float64)
     calls = _count_winograd_calls(monkeypatch)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_backbone_winograd_path_equals_direct_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
 
-    net.set_winograd(True)
+    net.set_winograd(True, min_channels=0)
     net.float()
     net(image.float())  # autograd on
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -111,6 +111,40 @@ def test_backbone_winograd_path_equals_direct_path(monkeypatch):
     with torch.no_grad():
         net(image.float())
     assert calls[0] == 14
+
+
+def test_winograd_takes_the_layers_wide_enough_for_this_cpu(monkeypatch):
+    """Winograd runs where the layer's width (geometric mean of input and output channels) reaches the CPU's
+    threshold: every layer on AVX-512, from 160 channels elsewhere (on AVX2 it is slower below)."""
+    assert winograd.pays_off(196, 196, 160) and winograd.pays_off(256, 196, 160) and winograd.pays_off(64, 64, 0)
+    assert not winograd.pays_off(196, 128, 160) and not winograd.pays_off(128, 128, 160)
+    for capability, expected in (("AVX512", 0), ("AVX2", 160), ("SVE256", 160), ("DEFAULT", 160)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        winograd.default_min_channels.cache_clear()
+        assert winograd.default_min_channels() == expected
+    winograd.default_min_channels.cache_clear()
+    monkeypatch.undo()
+
+    # the random backbone's widths 8 / 12 / 16 against a threshold of 12, as 128 / 196 / 256 against 160: the
+    # 8-channel layers and the 12 -> 8 one stay direct, 9 of the 14 run as Winograd, and the maps are unchanged
+    net = _random_backbone().eval().double()
+    image = torch.rand(1, 1, 32, 40, dtype=torch.float64)
+    with torch.no_grad():
+        net.set_winograd(False)
+        direct = net(image)
+        calls = _count_winograd_calls(monkeypatch)
+        monkeypatch.setattr(winograd, "default_min_channels", lambda: 12)
+        net.set_winograd(True)
+        fast = net(image)
+        assert calls[0] == 9
+        net.set_winograd(True, min_channels=17)
+        net(image)
+        assert calls[0] == 9
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_channels must be None or an integer >= 0"):
+            net.set_winograd(True, min_channels=bad)
+    for a, b in zip(fast, direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_shipped_model_keeps_its_matches_with_winograd():
@@ -124,6 +158,7 @@ def test_shipped_model_keeps_its_matches_with_winograd():
     assets = Path(__file__).resolve().parents[1] / "demo" / "assets"
     model = Matcher.from_pretrained("default")
     assert model.backbone.winograd
+    model.backbone.set_winograd(True, min_channels=0)  # every layer, whatever this CPU's threshold
     fast = model.match(assets / "pair_a.png", assets / "pair_b.png", resize=480)
     model.backbone.set_winograd(False)
     direct = model.match(assets / "pair_a.png", assets / "pair_b.png", resize=480)

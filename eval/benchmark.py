@@ -1,7 +1,7 @@
 """Speed and memory benchmark: end to end against kornia LoFTR, QuadTree-B against exact attention, the coarse
-matcher's restricted second pass against a full one, peak memory at 1600x1200, FLOPs per stage and how close
-each stage runs to the machine's matrix-multiply rate, and a profile of one pair of each model (stage times
-and the costliest kernels or operators).
+matcher's restricted second pass against a full one, peak memory at 1600x1200, Winograd against direct 3x3
+convolution by width (CPU), FLOPs per stage and how close each stage runs to the machine's matrix-multiply
+rate, and a profile of one pair of each model (stage times and the costliest kernels or operators).
 
     python eval/benchmark.py                       # CPU, all sections (about 12 minutes on 2 cores)
     python eval/benchmark.py --quick               # tiny sizes, under a minute (used by the tests)

@@ -921,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     if "winograd" in sections and device == "cpu":
         print("Winograd vs direct convolution by width ...", flush=True)
         widths, hw = ([8, 16, 32], (16, 24)) if quick else ([64, 96, 128, 160, 196, 256], (120, 160))
-        results["winograd"] = section_winograd(widths, hw, max(repeats, 1 if quick else 7))
+        results["winograd"] = section_winograd(widths, hw, repeats if quick else max(repeats, 7))
     if "flops" in sections:
         print("FLOPs per stage ...", flush=True)
         rates = results["matmul_gflops"]

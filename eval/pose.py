@@ -324,7 +324,7 @@ def pose_protocol(
         "time": f"wall clock of matcher.match per pair on {args.device} (cached pairs keep the time measured when computed)",
         "numerics": numerics_protocol(args),
         "software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
-        **({"warning": opencv_pose_warning()} if opencv_pose_warning() else {}),
+        **({"warning": warning} if (warning := opencv_pose_warning()) else {}),
     }
 
 
@@ -362,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints the table and returns ``{"rows", "markdown", "json_path", "md_path",
     "computed", "cached", "skipped"}``. Raises CacheMismatchError when a cache holds other settings."""
     args = build_parser().parse_args(argv)
-    if opencv_pose_warning():
-        print(f"warning: {opencv_pose_warning()}", file=sys.stderr)
+    if warning := opencv_pose_warning():
+        print(f"warning: {warning}", file=sys.stderr)
     dataset, data_fingerprint = build_dataset(args)
     data_fingerprint = {**data_fingerprint, "resize": args.resize}
     num_pairs = len(dataset) if args.max_pairs is None else min(args.max_pairs, len(dataset))

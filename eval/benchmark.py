@@ -545,7 +545,7 @@ def section_winograd(widths: list[int], hw: tuple[int, int], repeats: int) -> di
         rows.append({"channels": c, "winograd_s": seconds["winograd"], "direct_s": seconds["direct"],
                      "ratio": seconds["winograd"] / seconds["direct"]})
     return {"hw": list(hw), "rows": rows, "break_even": winograd_break_even(rows),
-            "threshold_here": winograd.default_min_channels(), "capability": torch.backends.cpu.get_cpu_capability()}
+            "threshold_here": winograd.default_min_channels(), "cpu_class": winograd.this_cpu_class()}
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -828,7 +828,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                   "| channels | Winograd s | direct s | Winograd / direct |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['channels']} | {r['winograd_s']:.4f} | {r['direct_s']:.4f} | {r['ratio']:.2f} |" for r in w["rows"]]
         lines += ["", f"Winograd wins here {even}; the backbone takes it from {w['threshold_here']} channels on this CPU "
-                  f"(capability {w['capability']}, `matcher.winograd.MIN_CHANNELS`).", ""]
+                  f"(class {w['cpu_class']}, `matcher.winograd.MIN_CHANNELS`).", ""]
     if "profile" in results:
         lines += render_profile(results["profile"], results["machine"]["device"])
     lines += ["## Targets", ""]

@@ -17,6 +17,8 @@ transformed tiles stay in cache, and the bias and activation are applied to each
 from __future__ import annotations
 
 import functools
+import platform
+import re
 
 import torch
 import torch.nn.functional as F
@@ -41,22 +43,62 @@ _INPUT_TRANSFORM = torch.kron(_BT, _BT)  # (36, 36)
 _OUTPUT_TRANSFORM = torch.kron(_AT, _AT)  # (16, 36)
 _FILTER_TRANSFORM = torch.kron(_G, _G)  # (36, 9)
 
-#: Width from which Winograd beats oneDNN's direct float32 convolution, by torch's CPU capability
-#: (``torch.backends.cpu.get_cpu_capability()``), as the geometric mean of a convolution's input and output
-#: channels: its transforms cost about C per pixel, its products 2.25 C^2 (direct: 9 C^2), so it pays off
-#: from some width on. Measured on 2 cores, batch 2 at 120x160 and 240x320: AVX2 (AMD EPYC Zen 3) 64-128
-#: channels 1.1-1.6x slower than direct, 160 even, 196-256 1.1-1.3x faster; AVX-512 (Intel Xeon) 128-256
-#: channels 1.3-1.9x faster (narrower layers not measured there: kept on).
-MIN_CHANNELS = {"AVX512": 0}
+#: Width from which Winograd beats oneDNN's direct float32 convolution, by :func:`cpu_class`, as the geometric
+#: mean of a convolution's input and output channels: its transforms cost about C per pixel, its products
+#: 2.25 C^2 (direct: 9 C^2), so it pays off from some width on, the earlier the slower the CPU's arithmetic is
+#: against its memory. Measured on 2 cores, batch 2 at 120x160 and 240x320: AVX2 (AMD EPYC Zen 3) 64-128
+#: channels 1.1-1.6x slower than direct, 160 even, 196-256 1.1-1.3x faster; AVX2 on 128-bit units (AMD EPYC
+#: Zen 1, half Zen 3's FMA rate) 64 channels 1.09x slower, 96-256 1.2-1.9x faster; AVX-512 (Intel Xeon)
+#: 128-256 channels 1.3-1.9x faster (narrower layers not measured there: kept on).
+MIN_CHANNELS = {"AVX512": 0, "AVX2_128BIT": 80}
 
 #: The same for other CPUs (AVX2, ARM, ...): the AVX2 break-even.
 DEFAULT_MIN_CHANNELS = 160
 
+#: ``(vendor, family)`` -> the first model of that family with full-width (256-bit) vector units; the models
+#: below it run 256-bit AVX instructions as two 128-bit halves: AMD Zen / Zen+ (family 0x17 below Zen 2's
+#: 0x30) and Hygon Dhyana (family 0x18, a Zen 1).
+_HALF_WIDTH_AVX_BELOW_MODEL = {("AuthenticAMD", 0x17): 0x30, ("HygonGenuine", 0x18): 0x100}
+
+
+def parse_cpu_identity(cpuinfo: str) -> tuple[str, int, int] | None:
+    """``(vendor, family, model)`` of the first CPU in a Linux ``/proc/cpuinfo`` text or a Windows
+    ``platform.processor()`` string ("AMD64 Family 23 Model 1 Stepping 2, AuthenticAMD"); None if absent."""
+    linux = {key: re.search(rf"^{key}\s*:\s*(\S+)", cpuinfo, re.MULTILINE) for key in ("vendor_id", "cpu family", "model")}
+    if all(linux.values()) and linux["cpu family"][1].isdigit() and linux["model"][1].isdigit():
+        return linux["vendor_id"][1], int(linux["cpu family"][1]), int(linux["model"][1])
+    windows = re.search(r"Family (\d+) Model (\d+).*,\s*(\w+)\s*$", cpuinfo)
+    return (windows[3], int(windows[1]), int(windows[2])) if windows else None
+
+
+def _cpu_identity() -> tuple[str, int, int] | None:
+    """:func:`parse_cpu_identity` of this machine (Linux or Windows; None elsewhere or unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return parse_cpu_identity(f.read(1 << 16))
+    except OSError:
+        return parse_cpu_identity(platform.processor() or "")
+
+
+def cpu_class(capability: str, identity: tuple[str, int, int] | None) -> str:
+    """The key of :data:`MIN_CHANNELS` for torch's CPU ``capability`` and the CPU's ``(vendor, family, model)``:
+    the capability, or ``AVX2_128BIT`` for an AVX2 CPU with half-width vector units."""
+    if capability == "AVX2" and identity is not None:
+        vendor, family, model = identity
+        if model < _HALF_WIDTH_AVX_BELOW_MODEL.get((vendor, family), 0):
+            return "AVX2_128BIT"
+    return capability
+
+
+def this_cpu_class() -> str:
+    """:func:`cpu_class` of this machine."""
+    return cpu_class(torch.backends.cpu.get_cpu_capability(), _cpu_identity())
+
 
 @functools.lru_cache(maxsize=1)
 def default_min_channels() -> int:
-    """:data:`MIN_CHANNELS` of this CPU."""
-    return MIN_CHANNELS.get(torch.backends.cpu.get_cpu_capability(), DEFAULT_MIN_CHANNELS)
+    """:data:`MIN_CHANNELS` of this CPU (:func:`this_cpu_class`)."""
+    return MIN_CHANNELS.get(this_cpu_class(), DEFAULT_MIN_CHANNELS)
 
 
 def pays_off(c_in: int, c_out: int, min_channels: int | None = None) -> bool:

@@ -133,7 +133,7 @@ def test_winograd_break_even_and_section(bench):
     out = bench.section_winograd([4, 8], (8, 12), 1)
     assert [r["channels"] for r in out["rows"]] == [4, 8] and out["hw"] == [8, 12]
     assert all(r["winograd_s"] > 0 and r["direct_s"] > 0 and r["ratio"] == r["winograd_s"] / r["direct_s"] for r in out["rows"])
-    assert out["threshold_here"] == winograd.default_min_channels()
+    assert out["threshold_here"] == winograd.default_min_channels() and out["cpu_class"] == winograd.this_cpu_class()
     md = bench.render_markdown({"quick": True, "machine": {"cpu": "x", "threads": 1, "device": "cpu", "torch": "t",
                                                            "cpu_capability": "c"},
                                 "matmul_gflops": {"fp32": 1.0}, "winograd": out, "ratios": {}})

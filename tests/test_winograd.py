@@ -115,13 +115,21 @@ def test_backbone_winograd_path_equals_direct_path(monkeypatch):
 
 def test_winograd_takes_the_layers_wide_enough_for_this_cpu(monkeypatch):
     """Winograd runs where the layer's width (geometric mean of input and output channels) reaches the CPU's
-    threshold: every layer on AVX-512, from 160 channels elsewhere (on AVX2 it is slower below)."""
+    threshold: every layer on AVX-512, from 80 channels on AVX2 CPUs with 128-bit vector units, from 160
+    elsewhere (on a Zen 3's AVX2 it is slower below)."""
     assert winograd.pays_off(196, 196, 160) and winograd.pays_off(256, 196, 160) and winograd.pays_off(64, 64, 0)
     assert not winograd.pays_off(196, 128, 160) and not winograd.pays_off(128, 128, 160)
-    for capability, expected in (("AVX512", 0), ("AVX2", 160), ("SVE256", 160), ("DEFAULT", 160)):
+    assert winograd.pays_off(96, 64, 78) and not winograd.pays_off(96, 64, 79)
+    zen1, zen2, zen3, hygon, xeon = ("AuthenticAMD", 23, 1), ("AuthenticAMD", 23, 49), ("AuthenticAMD", 25, 1), \
+        ("HygonGenuine", 24, 0), ("GenuineIntel", 6, 85)
+    cases = [("AVX512", zen1, 0), ("AVX512", xeon, 0), ("AVX2", zen1, 80), ("AVX2", ("AuthenticAMD", 23, 24), 80),
+             ("AVX2", hygon, 80), ("AVX2", zen2, 160), ("AVX2", zen3, 160), ("AVX2", xeon, 160), ("AVX2", None, 160),
+             ("SVE256", None, 160), ("DEFAULT", None, 160)]
+    for capability, identity, expected in cases:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(winograd, "_cpu_identity", lambda i=identity: i)
         winograd.default_min_channels.cache_clear()
-        assert winograd.default_min_channels() == expected
+        assert winograd.default_min_channels() == expected, (capability, identity)
     winograd.default_min_channels.cache_clear()
     monkeypatch.undo()
 
@@ -145,6 +153,21 @@ def test_winograd_takes_the_layers_wide_enough_for_this_cpu(monkeypatch):
             net.set_winograd(True, min_channels=bad)
     for a, b in zip(fast, direct):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_identity_is_read_from_linux_and_windows_descriptions():
+    linux = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7551\n"
+    assert winograd.parse_cpu_identity(linux) == ("AuthenticAMD", 23, 1)
+    second = linux + "\nprocessor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\n"
+    assert winograd.parse_cpu_identity(second) == ("AuthenticAMD", 23, 1)  # the first CPU
+    assert winograd.parse_cpu_identity("AMD64 Family 23 Model 17 Stepping 0, AuthenticAMD") == ("AuthenticAMD", 23, 17)
+    assert winograd.parse_cpu_identity("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel") == ("GenuineIntel", 6, 85)
+    arm = "processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\nmodel name\t: Neoverse\n"
+    for text in (arm, "", "arm", "vendor_id : AuthenticAMD\ncpu family : 23\nmodel : x1\n"):
+        assert winograd.parse_cpu_identity(text) is None, text
+    assert winograd.cpu_class("AVX2", ("AuthenticAMD", 23, 1)) == "AVX2_128BIT"
+    assert winograd.cpu_class("AVX2", ("AuthenticAMD", 23, 0x31)) == "AVX2"
+    assert winograd.this_cpu_class() in {"AVX2_128BIT", torch.backends.cpu.get_cpu_capability()}
 
 
 def test_shipped_model_keeps_its_matches_with_winograd():

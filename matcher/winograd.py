@@ -48,7 +48,7 @@ _FILTER_TRANSFORM = torch.kron(_G, _G)  # (36, 9)
 #: 2.25 C^2 (direct: 9 C^2), so it pays off from some width on, the earlier the slower the CPU's arithmetic is
 #: against its memory. Measured on 2 cores, batch 2 at 120x160 and 240x320: AVX2 (AMD EPYC Zen 3) 64-128
 #: channels 1.1-1.6x slower than direct, 160 even, 196-256 1.1-1.3x faster; AVX2 on 128-bit units (AMD EPYC
-#: Zen 1, half Zen 3's FMA rate) 64 channels 1.09x slower, 96-256 1.2-1.9x faster; AVX-512 (Intel Xeon)
+#: Zen 1, half Zen 3's FMA rate) 64 channels 1.1-1.2x slower, 96-256 1.1-2.1x faster; AVX-512 (Intel Xeon)
 #: 128-256 channels 1.3-1.9x faster (narrower layers not measured there: kept on).
 MIN_CHANNELS = {"AVX512": 0, "AVX2_128BIT": 80}
 

@@ -470,7 +470,7 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
             new = run_pair(model, x0, x1)
             model.config.inference.feature_dtype = "float32"
             result["bf16_features"] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
-    if device == "cpu":  # Winograd on all 14 layers (AVX-512 CPUs' default; others take it from 160 channels)
+    if device == "cpu":  # Winograd on all 14 layers (AVX-512 CPUs' default; others only from winograd.default_min_channels())
         model.backbone.set_winograd(True, min_channels=0)
         every = run_pair(model, x0, x1)
         model.backbone.set_winograd(False)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chunking import is_tracing
 from .winograd import activate_, conv3x3_winograd, pays_off
 
 
@@ -33,7 +34,7 @@ def _winograd_applies(x: torch.Tensor, conv: nn.Conv2d, min_channels: int | None
         and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
         and conv.dilation == (1, 1) and conv.groups == 1 and pays_off(conv.in_channels, conv.out_channels, min_channels)
         and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
+        and not is_tracing() and not torch.jit.is_scripting()
     )
 
 

@@ -57,7 +57,7 @@ DEFAULT_MIN_CHANNELS = 160
 
 #: ``(vendor, family)`` -> the first model of that family with full-width (256-bit) vector units; the models
 #: below it run 256-bit AVX instructions as two 128-bit halves: AMD Zen / Zen+ (family 0x17 below Zen 2's
-#: 0x30) and Hygon Dhyana (family 0x18, a Zen 1).
+#: 0x30) and Hygon Dhyana (family 0x18, a Zen 1: every model, hence the bound above any model number).
 _HALF_WIDTH_AVX_BELOW_MODEL = {("AuthenticAMD", 0x17): 0x30, ("HygonGenuine", 0x18): 0x100}
 
 

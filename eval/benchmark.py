@@ -57,11 +57,16 @@ TARGETS = (
     ("QuadTree-B time growth 19,200 -> 76,800 tokens", "quadtree_time_growth_2", "<=", 4.6),
     ("QuadTree-B memory growth 4,800 -> 19,200 tokens", "quadtree_memory_growth_1", "<=", 4.6),
     ("QuadTree-B memory growth 19,200 -> 76,800 tokens", "quadtree_memory_growth_2", "<=", 4.6),
+    ("QuadTree-B, coarsest level bounded (levels added): time growth 4,800 -> 19,200", "bounded_time_growth_1", "<=", 4.6),
+    ("QuadTree-B, coarsest level bounded (levels added): time growth 19,200 -> 76,800", "bounded_time_growth_2", "<=", 4.6),
+    ("QuadTree-B, coarsest level bounded (levels added): memory growth 4,800 -> 19,200", "bounded_memory_growth_1", "<=", 4.6),
+    ("QuadTree-B, coarsest level bounded (levels added): memory growth 19,200 -> 76,800", "bounded_memory_growth_2", "<=", 4.6),
     ("1600x1200 pair, full-width model: peak memory (GB)", "peak_gb_1600x1200", "<=", 8.0),
     ("GPU 1152x1152: ours / kornia LoFTR time (fp32)", "gpu_time_ratio_1152", "<=", 1.0),
     ("bf16 path keeps fp32 matches within 1 px", "bf16_agreement", ">=", 0.95),
     ("bf16 features (backbone + coarse transformer only) keep fp32 matches within 1 px", "bf16_features_agreement", ">=", 0.95),
     ("Winograd on every 3x3 layer keeps the direct path's matches within 1 px", "winograd_agreement", ">=", 0.95),
+    ("Coarsest level bounded keeps the trained levels' matches within 1 px (at twice the size)", "bounded_agreement", ">=", 0.95),
 )
 
 
@@ -201,7 +206,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         x0, x1 = sample_pair(tuple(spec["hw"]), device)
         fn = lambda: run_pair(model, x0, x1)  # noqa: E731
     else:
-        layer, inputs = attention_layer(tuple(spec["grid"]), device)
+        layer, inputs = attention_layer(tuple(spec["grid"]), device, max_coarsest_tokens=spec.get("max_coarsest_tokens"))
         fn = lambda: attention_forward(layer, spec["model"], tuple(spec["grid"]), *inputs)  # noqa: E731
     first_seconds = None
     if device.startswith("cuda"):  # the first pair compiles the Triton kernels for its sizes: timed apart
@@ -255,14 +260,18 @@ def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def attention_layer(grid: tuple[int, int], device: str, dim: int = 256, nhead: int = 8, kernel: str = "auto"):
+def attention_layer(grid: tuple[int, int], device: str, dim: int = 256, nhead: int = 8, kernel: str = "auto",
+                    max_coarsest_tokens: int | None = None):
     """The QuadTree-B attention layer of ``quadtree_b_indoor`` (q/k/v projections, pyramids, top-k 32/16/16,
     output projection) and random inputs; :func:`attention_forward` runs it or its projections around exact
-    softmax attention (SDPA). ``kernel``: the layer's Triton kernels (auto: on CUDA when installed) or torch."""
+    softmax attention (SDPA). ``kernel``: the layer's Triton kernels (auto: on CUDA when installed) or torch;
+    ``max_coarsest_tokens``: ``coarse.max_coarsest_tokens`` (levels added on larger grids). Seeded: the same
+    weights and inputs on every call."""
     from matcher.transformer import QuadtreeAttention
 
     torch.manual_seed(0)
-    layer = QuadtreeAttention(dim, nhead, [32, 16, 16], "B", kernel=kernel).eval().to(device)
+    layer = QuadtreeAttention(dim, nhead, [32, 16, 16], "B", kernel=kernel, max_coarsest_tokens=max_coarsest_tokens)
+    layer = layer.eval().to(device)
     n = grid[0] * grid[1]
     x = torch.randn(1, n, dim, device=device)
     src = torch.randn(1, n, dim, device=device)
@@ -314,10 +323,10 @@ def counted_gflop(fn: Callable[[], Any]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def quadtree_gflop(grid: tuple[int, int], device: str) -> float:
+def quadtree_gflop(grid: tuple[int, int], device: str, max_coarsest_tokens: int | None = None) -> float:
     """GFLOP of the QuadTree-B layer at ``grid``, counted on its PyTorch path: Triton kernels (CUDA) bypass
     torch's dispatcher, where FlopCounterMode counts, and do the same arithmetic."""
-    layer, inputs = attention_layer(grid, device, kernel="torch")
+    layer, inputs = attention_layer(grid, device, kernel="torch", max_coarsest_tokens=max_coarsest_tokens)
     return counted_gflop(functools.partial(attention_forward, layer, "quadtree", grid, *inputs))
 
 
@@ -336,16 +345,23 @@ def sdpa_estimates(grids: list[tuple[int, int]], first_sdpa: Callable[[], Any], 
 
 def section_attention(grids: list[tuple[int, int]], device: str, threads: int, repeats: int, sdpa_budget_s: float,
                       reuse_memory: bool) -> dict:
-    """Time, FLOPs and peak memory (child processes) of QuadTree-B vs SDPA per grid.
+    """Time, FLOPs and peak memory (child processes) of QuadTree-B vs SDPA per grid, and of QuadTree-B with
+    its coarsest level bounded (``coarse.max_coarsest_tokens`` = the first grid's coarsest level, 300 tokens
+    for 4,800: levels are added on the larger grids, so the first grid runs the published 3 levels).
 
-    Every grid's QuadTree-B call and the SDPA calls that fit the budget are timed in ONE interleaved run
+    Every grid's QuadTree-B calls and the SDPA calls that fit the budget are timed in ONE interleaved run
     (4,800 / SDPA / 19,200 / SDPA / 76,800 tokens, round after round), so the time-growth ratios, like the
     speed-ups, compare calls taken moments apart rather than minutes apart on a machine whose speed drifts.
     """
+    from matcher.attention import num_levels_for
+
+    bound = grids[0][0] * grids[0][1] // 16  # the published 3 levels' coarsest on the first grid
     fns: dict[str, Callable[[], Any]] = {}
     for grid in grids:
         layer, inputs = attention_layer(grid, device)
         fns[f"quadtree {grid}"] = functools.partial(attention_forward, layer, "quadtree", grid, *inputs)
+        bounded, _ = attention_layer(grid, device, max_coarsest_tokens=bound)
+        fns[f"bounded {grid}"] = functools.partial(attention_forward, bounded, "quadtree", grid, *inputs)
         sdpa = functools.partial(attention_forward, layer, "sdpa", grid, *inputs)
         if grid == grids[0]:
             estimates = sdpa_estimates(grids, sdpa, device)
@@ -364,9 +380,12 @@ def section_attention(grids: list[tuple[int, int]], device: str, threads: int, r
         spec = {"kind": "attention", "grid": list(grid), "device": device, "threads": threads, "reuse_freed_memory": reuse_memory}
         row["quadtree_peak_mb"] = run_child({**spec, "model": "quadtree"}).get("peak_mb")
         row["sdpa_peak_mb"] = run_child({**spec, "model": "sdpa"}).get("peak_mb") if row["sdpa_s"] is not None else None
+        row.update(bounded_levels=num_levels_for(3, bound, grid), bounded_s=times[f"bounded {grid}"],
+                   bounded_gflop=quadtree_gflop(grid, device, bound),
+                   bounded_peak_mb=run_child({**spec, "model": "quadtree", "max_coarsest_tokens": bound}).get("peak_mb"))
         rows.append(row)
         print(f"  attention {n} tokens: {row}", flush=True)
-    return {"rows": rows}
+    return {"rows": rows, "bounded_coarsest_tokens": bound}
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -452,7 +471,9 @@ def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, 
 def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dtype]) -> dict:
     """Share of the reference matches that a faster path keeps within 1 px, with the shipped default weights:
     each autocast dtype against fp32 (with bf16 also ``inference.feature_dtype: bfloat16``, the backbone and
-    coarse transformer alone in bf16), and (on CPU) Winograd on every 3x3 layer against direct convolutions."""
+    coarse transformer alone in bf16), (on CPU) Winograd on every 3x3 layer against direct convolutions, and
+    at twice the size the coarsest QuadTree level bounded to its size at ``hw`` against the trained levels
+    (:func:`bounded_agreement`)."""
     from matcher import Matcher
 
     model = Matcher.from_pretrained("default").to(device)
@@ -477,7 +498,39 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
         direct = run_pair(model, x0, x1)
         result.update(direct_matches=len(direct["keypoints0"]), winograd_matches=len(every["keypoints0"]),
                       winograd_kept_within_1px=kept(direct, every))
+    result["bounded"] = bounded_agreement(model, hw, device)
     return result
+
+
+def bounded_agreement(model: torch.nn.Module, hw: tuple[int, int], device: str) -> dict[str, Any]:
+    """``model`` on the sample pair at twice ``hw``, with the trained QuadTree levels and with
+    ``coarse.max_coarsest_tokens`` at the trained coarsest level's size at ``hw`` (300 tokens at 640x480: one
+    level more at 1280x960): matches of each, the share of the trained levels' matches kept within 1 px, and
+    the time of each (one call after one untimed)."""
+    import copy
+
+    from matcher import Matcher
+
+    big = (2 * hw[0], 2 * hw[1])
+    bound = -(-hw[0] // 32) * -(-hw[1] // 32)
+    cfg = copy.deepcopy(model.config)
+    cfg.coarse.max_coarsest_tokens = bound
+    bounded = Matcher(cfg).to(device).eval()
+    bounded.load_state_dict(model.state_dict())
+    x0, x1 = sample_pair(big, device)
+    outputs, seconds = {}, {}
+    for name, m in (("trained_levels", model), ("bounded", bounded)):
+        run_pair(m, x0, x1)
+        sync(device)
+        start = time.perf_counter()
+        outputs[name] = run_pair(m, x0, x1)
+        sync(device)
+        seconds[name] = time.perf_counter() - start
+    to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
+    ref, new = outputs["trained_levels"], outputs["bounded"]
+    kept = matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))
+    return {"hw": list(big), "max_coarsest_tokens": bound, "matches": {k: len(o["keypoints0"]) for k, o in outputs.items()},
+            "seconds": seconds, "kept_within_1px": kept}
 
 
 def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) -> dict:
@@ -723,15 +776,18 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
     r["attention_speedup_19200"] = by_n.get(19200, {}).get("speedup")
     for i, (n_a, n_b) in enumerate(zip(TARGET_TOKENS, TARGET_TOKENS[1:]), start=1):
         a, b = by_n.get(n_a), by_n.get(n_b)
-        for name, key in (("time", "quadtree_s"), ("flop", "quadtree_gflop"), ("memory", "quadtree_peak_mb")):
+        for name, key in (("quadtree_time", "quadtree_s"), ("quadtree_flop", "quadtree_gflop"),
+                          ("quadtree_memory", "quadtree_peak_mb"), ("bounded_time", "bounded_s"),
+                          ("bounded_flop", "bounded_gflop"), ("bounded_memory", "bounded_peak_mb")):
             va, vb = (a or {}).get(key), (b or {}).get(key)
-            r[f"quadtree_{name}_growth_{i}"] = vb / va if va and vb else None
+            r[f"{name}_growth_{i}"] = vb / va if va and vb else None
     mem = results.get("memory")
     r["peak_gb_1600x1200"] = mem["peak_mb"] / 1024 if mem and "peak_mb" in mem else None
     agree = results.get("agreement")
     r["bf16_agreement"] = agree.get("autocast", {}).get("bf16", {}).get("kept_within_1px") if agree else None
     r["bf16_features_agreement"] = agree.get("bf16_features", {}).get("kept_within_1px") if agree else None
     r["winograd_agreement"] = agree.get("winograd_kept_within_1px") if agree else None
+    r["bounded_agreement"] = agree.get("bounded", {}).get("kept_within_1px") if agree else None
     gpu_row = results.get("gpu", {}).get("1152x1152")
     r["gpu_time_ratio_1152"] = gpu_row.get("time_ratio_fp32") if gpu_row else None
     return r
@@ -764,6 +820,13 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += [f"bf16 features (backbone + coarse transformer in bf16, `inference.feature_dtype`; {where}): "
                       f"{100 * row['kept_within_1px']:.1f}% of {a['fp32_matches']} fp32 matches kept within 1 px "
                       f"({row['matches']} matches)", ""]
+        if "bounded" in a:
+            bd = a["bounded"]
+            lines += [f"Coarsest QuadTree level bounded to {bd['max_coarsest_tokens']} tokens (`coarse.max_coarsest_tokens`; "
+                      f"{a['weights']} weights, {bd['hw'][1]}x{bd['hw'][0]}): {100 * bd['kept_within_1px']:.1f}% of the "
+                      f"{bd['matches']['trained_levels']} matches with the trained levels kept within 1 px "
+                      f"({bd['matches']['bounded']} matches); {bd['seconds']['bounded']:.2f} s vs "
+                      f"{bd['seconds']['trained_levels']:.2f} s per pair", ""]
         if "winograd_kept_within_1px" in a:
             lines += [f"Winograd agreement ({where}): {100 * a['winograd_kept_within_1px']:.1f}% of the {a['direct_matches']} "
                       f"matches with direct convolutions kept within 1 px ({a['winograd_matches']} with Winograd on every "
@@ -788,6 +851,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         if growth:
             lines += ["", "QuadTree-B FLOPs grow " + ", ".join(growth) + ": the coarsest level is full attention over "
                       "N/16 tokens, a quadratic term, so where the layer runs at one FLOP rate its time grows as much."]
+        if any("bounded_s" in r for r in rows):
+            bound = results["attention"].get("bounded_coarsest_tokens")
+            lines += ["", f"QuadTree-B with its coarsest level bounded (`coarse.max_coarsest_tokens: {bound}`, the first grid's "
+                      "coarsest level): levels are added above the published 3 on larger grids, so the cost is linear. "
+                      "The added levels only choose candidates (weight 0 in the level mixture).", "",
+                      "| tokens | levels | s | GFLOP | GFLOP/s | peak MB | time vs 3 levels |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in rows:
+                if "bounded_s" not in r:
+                    continue
+                rate = r["bounded_gflop"] / r["bounded_s"] if r.get("bounded_gflop") else None
+                lines.append(f"| {r['tokens']} | {r['bounded_levels']} | {r['bounded_s']:.3f} | {fmt(r.get('bounded_gflop'), '.2f')} | "
+                             f"{fmt(rate, '.1f')} | {fmt(r.get('bounded_peak_mb'))} | {r['bounded_s'] / r['quadtree_s']:.2f} |")
         lines.append("")
     if "matching" in results:
         mt = results["matching"]

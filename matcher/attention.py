@@ -87,6 +87,21 @@ def pool_levels(
     return maps, masks
 
 
+def num_levels_for(trained_levels: int, max_coarsest_tokens: int | None, *grids: tuple[int, int]) -> int:
+    """Pyramid levels for token grids ``(h, w)``: ``trained_levels``, plus one for every halving still needed
+    until the coarsest level of each grid holds at most ``max_coarsest_tokens`` tokens (sides rounded up, as
+    the model pads them); None adds none. The coarsest level is full attention, so a bound on its size keeps
+    the cost linear in the number of tokens."""
+    if max_coarsest_tokens is None:
+        return trained_levels
+    if max_coarsest_tokens < 1:
+        raise ValueError(f"max_coarsest_tokens must be at least 1 or None, got {max_coarsest_tokens}")
+    levels = trained_levels
+    while max(-(-h >> (levels - 1)) * -(-w >> (levels - 1)) for h, w in grids) > max_coarsest_tokens:
+        levels += 1
+    return levels
+
+
 def _row_layout(x: torch.Tensor, lead: int) -> tuple[tuple[int, ...], int] | None:
     """Where ``x``'s positions lie in its storage seen as rows of ``x.shape[lead:]`` (one position per row):
     the row strides of the first ``lead`` dims and the first position's row. None where the trailing dims

@@ -37,6 +37,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "mlp_ratio": 4,  # hidden width of the QuadTree block's MLP, in multiples of d_model
         "temp_bug_fix": True,  # corrected sine position encoding (False: LoFTR's original formula)
         "kernel": "auto",  # QuadTree refine levels, MLP middle, coarse matching: auto (Triton on CUDA if installed) | torch | triton
+        # null: the trained levels on every grid (published). N: on larger grids, levels added above them until the
+        # coarsest holds <= N tokens (linear cost; variant B: selection only, weight 0). The trained coarsest at 640x480: 300
+        "max_coarsest_tokens": None,
     },
     "match_coarse": {
         "thr": 0.2,  # dual-softmax confidence a coarse match must exceed
@@ -241,6 +244,8 @@ MODEL_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("match_coarse.train_coarse_percent", lambda x: 0 < x <= 1, "in (0, 1]"),
     ("match_coarse.train_pad_num_gt_min", lambda x: x >= 0, "at least 0"),
     ("inference.resize", lambda x: x >= 8, "null or at least 8 (one coarse cell)"),
+    ("coarse.max_coarsest_tokens", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+     "null or an integer of at least 1"),
 )
 
 

@@ -128,7 +128,8 @@ class Matcher(nn.Module):
         self.backbone = ResNetFPN(cfg.resnetfpn.initial_dim, list(cfg.resnetfpn.block_dims), cfg.resnetfpn.winograd)
         c = cfg.coarse
         self.loftr_coarse = LocalFeatureTransformer(
-            c.d_model, c.nhead, list(c.layer_names), c.attention, c.attn_type, list(c.topks), c.mlp_ratio, c.kernel
+            c.d_model, c.nhead, list(c.layer_names), c.attention, c.attn_type, list(c.topks), c.mlp_ratio, c.kernel,
+            c.max_coarsest_tokens,
         )
         self.fine_preprocess = FinePreprocess(c.d_model, cfg.fine.d_model, cfg.fine_window_size, cfg.fine_concat_coarse_feat)
         f = cfg.fine
@@ -176,7 +177,7 @@ class Matcher(nn.Module):
         Grids are padded to the divisibility QuadTree needs and cropped back; padding is masked.
         """
         hw0, hw1 = tuple(c0.shape[2:]), tuple(c1.shape[2:])
-        multiple = self.loftr_coarse.divisibility
+        multiple = self.loftr_coarse.padding_multiple(hw0, hw1)
         p0, pm0 = _pad_grid(c0, mask0, multiple)
         p1, pm1 = _pad_grid(c1, mask1, multiple)
         t0, t1 = (p.flatten(2).transpose(1, 2) for p in (p0, p1))
@@ -197,7 +198,7 @@ class Matcher(nn.Module):
         _check_images({"image0": image0, "image1": image1})
         with self._feature_precision()[0]:
             c0, _, c1, _ = self.extract_features(image0, image1)
-            multiple = self.loftr_coarse.divisibility
+            multiple = self.loftr_coarse.padding_multiple(tuple(c0.shape[2:]), tuple(c1.shape[2:]))
             (p0, m0), (p1, m1) = _pad_grid(c0, None, multiple), _pad_grid(c1, None, multiple)
             t0, t1 = (p.flatten(2).transpose(1, 2) for p in (p0, p1))
             m0, m1 = (None if m is None else m.flatten(1) for m in (m0, m1))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import onednn
-from .attention import full_attention, linear_attention, pool_levels, quadtree_attention
+from .attention import full_attention, linear_attention, num_levels_for, pool_levels, quadtree_attention
 from .chunking import cpu_inference
 from .conv_triton import relu_dwconv_gelu
 from .triton_support import check_kernel_choice, kernel_device, use_kernel
@@ -135,13 +135,25 @@ class LevelMixture(nn.Module):
 
 
 class QuadtreeAttention(nn.Module):
-    """q/k/v 1x1 convolutions, token pyramids, QuadTree attention, output projection."""
+    """q/k/v 1x1 convolutions, token pyramids, QuadTree attention, output projection.
 
-    def __init__(self, dim: int, nhead: int, topks: list[int], variant: str = "B", kernel: str = "auto") -> None:
+    ``max_coarsest_tokens`` (None: off, the published behaviour): on grids whose coarsest level would hold
+    more tokens, levels are added above the trained ones until it holds at most that many
+    (:func:`~matcher.attention.num_levels_for`), so the cost stays linear in the number of tokens. They keep
+    ``topks[0]`` keys per query. In variant B they carry no message (level weight 0): they only choose the
+    candidates of the trained coarsest level, which then attends to the children of its queries' selected
+    keys instead of to every key. In variant A, which has no level weights, they are levels like the others.
+    """
+
+    def __init__(
+        self, dim: int, nhead: int, topks: list[int], variant: str = "B", kernel: str = "auto",
+        max_coarsest_tokens: int | None = None,
+    ) -> None:
         super().__init__()
         check_kernel_choice(kernel)
         self.nhead, self.topks, self.variant, self.kernel = nhead, list(topks), variant, kernel
         self.num_levels = len(topks)
+        self.max_coarsest_tokens = max_coarsest_tokens
         self.q_proj = nn.Conv2d(dim, dim, 1, bias=False)
         self.k_proj = nn.Conv2d(dim, dim, 1, bias=False)
         self.v_proj = nn.Conv2d(dim, dim, 1, bias=False)
@@ -161,28 +173,39 @@ class QuadtreeAttention(nn.Module):
         project = lambda conv, t, t_hw: _channels_last_grid(onednn.linear(t, conv.weight.flatten(1)), t_hw)  # noqa: E731
         mask_x = None if x_mask is None else x_mask.reshape(-1, *hw)
         mask_s = None if source_mask is None else source_mask.reshape(-1, *source_hw)
-        qs, _ = pool_levels(project(self.q_proj, x, hw), self.num_levels, mask_x)
-        ks, kmasks = pool_levels(project(self.k_proj, source, source_hw), self.num_levels, mask_s)
-        vs, _ = pool_levels(project(self.v_proj, source, source_hw), self.num_levels, mask_s)
+        levels = num_levels_for(self.num_levels, self.max_coarsest_tokens, hw, source_hw)
+        qs, _ = pool_levels(project(self.q_proj, x, hw), levels, mask_x)
+        ks, kmasks = pool_levels(project(self.k_proj, source, source_hw), levels, mask_s)
+        vs, _ = pool_levels(project(self.v_proj, source, source_hw), levels, mask_s)
         to_heads = lambda maps: [_grid_heads(m, self.nhead) for m in maps]  # noqa: E731
+        topks, level_weights = self._levels(levels - self.num_levels)
         out = quadtree_attention(
-            to_heads(qs), to_heads(ks), to_heads(vs), self.topks, self.variant,
-            self.py_att.weight, kmasks, return_selection=return_selection, kernel=self.kernel,
+            to_heads(qs), to_heads(ks), to_heads(vs), topks, self.variant,
+            level_weights, kmasks, return_selection=return_selection, kernel=self.kernel,
         )
         message, selection = out if return_selection else (out, None)
         message = onednn.linear(_merge_heads(message), self.proj.weight, self.proj.bias)
         return (message, selection) if return_selection else message
+
+    def _levels(self, added: int) -> tuple[list[int], torch.Tensor | None]:
+        """Top-k list and level-mixture logits (coarsest first) with ``added`` levels above the trained ones:
+        they keep ``topks[0]`` keys and, in variant B, get logit -inf (weight 0)."""
+        weights = self.py_att.weight
+        if added and weights is not None:
+            weights = torch.cat([weights.new_full((added,), float("-inf")), weights])
+        return [self.topks[0]] * added + self.topks, weights
 
 
 class QuadtreeBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x), norm1(source)); x + mlp(norm2(x))."""
 
     def __init__(
-        self, dim: int, nhead: int, topks: list[int], variant: str = "B", mlp_ratio: int = 4, kernel: str = "auto"
+        self, dim: int, nhead: int, topks: list[int], variant: str = "B", mlp_ratio: int = 4, kernel: str = "auto",
+        max_coarsest_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = QuadtreeAttention(dim, nhead, topks, variant, kernel)
+        self.attn = QuadtreeAttention(dim, nhead, topks, variant, kernel, max_coarsest_tokens)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = QuadtreeMLP(dim, dim * mlp_ratio, kernel)
 
@@ -244,20 +267,27 @@ class LocalFeatureTransformer(nn.Module):
         topks: list[int] | None = None,
         mlp_ratio: int = 4,
         kernel: str = "auto",
+        max_coarsest_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.layer_names = list(layer_names)
         self.is_quadtree = attention == "quadtree"
+        self.num_levels = len(topks) if self.is_quadtree else 1
+        self.max_coarsest_tokens = max_coarsest_tokens if self.is_quadtree else None
         if self.is_quadtree:
             # as LoFTR-QuadTree: one block drawn once and copied, so every layer starts from the same weights
-            block = QuadtreeBlock(d_model, nhead, list(topks), attn_type, mlp_ratio, kernel)
+            block = QuadtreeBlock(d_model, nhead, list(topks), attn_type, mlp_ratio, kernel, max_coarsest_tokens)
             block.apply(_init_quadtree_weights)
         else:
             block = LoFTREncoderLayer(d_model, nhead, attention)
         self.layers = nn.ModuleList([copy.deepcopy(block) for _ in self.layer_names])
-        self.divisibility = 2 ** (len(topks) - 1) if self.is_quadtree else 1
         if not self.is_quadtree:
             init_xavier_(self)  # LoFTR's layers are copies too, then drawn anew, each its own
+
+    def padding_multiple(self, hw0: tuple[int, int], hw1: tuple[int, int]) -> int:
+        """What both grid sides of a pair must be divisible by: ``2 ** (levels - 1)`` for QuadTree (its levels
+        for these grids, :func:`~matcher.attention.num_levels_for`), else 1."""
+        return 2 ** (num_levels_for(self.num_levels, self.max_coarsest_tokens, hw0, hw1) - 1)
 
     def forward(
         self,
@@ -269,7 +299,7 @@ class LocalFeatureTransformer(nn.Module):
         mask1: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: feat0 ``(B, L0, C)``, feat1 ``(B, L1, C)``; grid sizes (QuadTree, divisible by
-        ``self.divisibility``); masks ``(B, L)`` bool. Returns the transformed tokens, same shapes."""
+        :meth:`padding_multiple`); masks ``(B, L)`` bool. Returns the transformed tokens, same shapes."""
         return self._run(feat0, feat1, hw0, hw1, mask0, mask1, len(self.layers))
 
     def selection(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from matcher.attention import full_attention, linear_attention, pool_levels, quadtree_attention, topk_last_dim
+from matcher.attention import (
+    full_attention, linear_attention, num_levels_for, pool_levels, quadtree_attention, topk_last_dim,
+)
 
 
 def _reference(qs, ks, vs, topks, variant, weights=None, kmasks=None):
@@ -412,3 +414,77 @@ def test_transformer_initialisation_follows_the_published_code():
     bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
     assert w.abs().max() <= bound and abs(w.std().item() - bound / 3 ** 0.5) < 0.003
     assert not torch.equal(w, linear.layers[1].q_proj.weight)  # LoFTR draws each layer anew after copying
+
+
+@pytest.mark.parametrize("trained, bound, grids, expected", [
+    (3, None, [(240, 320)], 3),  # off: the trained levels on any grid
+    (3, 300, [(60, 80)], 3),  # 640x480: the trained coarsest level holds 15 x 20 = 300 tokens
+    (3, 300, [(120, 160)], 4),  # 30 x 40 -> 15 x 20
+    (3, 300, [(240, 320)], 5),
+    (3, 300, [(150, 200)], 5),  # sides rounded up: 38 x 50, 19 x 25 = 475, 10 x 13 = 130
+    (3, 1200, [(150, 200)], 4),
+    (3, 300, [(60, 80), (120, 160)], 4),  # the larger grid of a pair decides
+    (2, 1, [(3, 5)], 4),  # down to a single cell
+])
+def test_levels_are_added_until_the_coarsest_is_small_enough(trained, bound, grids, expected):
+    assert num_levels_for(trained, bound, *grids) == expected
+
+
+def test_a_coarsest_bound_below_one_is_an_error():
+    with pytest.raises(ValueError, match="max_coarsest_tokens must be at least 1"):
+        num_levels_for(3, 0, (8, 8))
+
+
+def _layer_reference(layer, x, source, hw, levels):
+    """A QuadtreeAttention layer's output from the per-query reference: its projections, ``levels`` pyramid
+    levels, the added levels keeping ``topks[0]`` keys and, in variant B, weighted -inf (no message)."""
+    nh, c = layer.nhead, x.shape[-1]
+    grid = lambda t, conv: (t @ conv.weight.flatten(1).T).transpose(1, 2).reshape(1, c, *hw)  # noqa: E731
+    heads = lambda maps: [m.reshape(1, nh, c // nh, *m.shape[2:]).permute(0, 1, 3, 4, 2)[0] for m in maps]  # noqa: E731
+    qs, ks, vs = (heads(pool_levels(grid(t, conv), levels)[0])
+                  for t, conv in ((x, layer.q_proj), (source, layer.k_proj), (source, layer.v_proj)))
+    added = levels - layer.num_levels
+    topks = [layer.topks[0]] * added + layer.topks
+    weights = None
+    if layer.variant == "B":
+        weights = torch.cat([torch.full((added,), float("-inf"), dtype=x.dtype), layer.py_att.weight.detach()])
+    per_head = [_reference([q[h] for q in qs], [k[h] for k in ks], [v[h] for v in vs], topks, layer.variant, weights)
+                for h in range(nh)]
+    message = torch.cat(per_head, dim=-1)  # channel = head * D + d
+    return message @ layer.proj.weight.T + layer.proj.bias
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_added_levels_follow_the_per_query_reference(variant):
+    """A bound on the coarsest level adds levels above the trained ones (here 2 -> 3: 4 x 4 = 16 coarsest keys
+    > 6, so 2 x 2); the added level keeps 3 of its 4 keys, so the trained coarsest level no longer sees them all."""
+    from matcher.transformer import QuadtreeAttention
+
+    torch.manual_seed(0)
+    layer = QuadtreeAttention(8, 2, [3, 2], variant, kernel="torch", max_coarsest_tokens=6).double().eval()
+    x, source = torch.randn(1, 64, 8, dtype=torch.float64), torch.randn(1, 64, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out, selection = layer(x, source, (8, 8), (8, 8), return_selection=True)
+        expected = _layer_reference(layer, x, source, (8, 8), levels=3)
+        layer.max_coarsest_tokens = None
+        plain = layer(x, source, (8, 8), (8, 8))
+    torch.testing.assert_close(out[0], expected, rtol=1e-9, atol=1e-9)
+    assert [s.shape[-1] for s in selection] == [3, 3] and selection[0].max() < 4  # indices into the 2 x 2 level
+    assert not torch.allclose(out, plain)  # the restriction is real on these random weights
+
+
+def test_added_levels_that_keep_every_key_change_nothing_in_b():
+    """When the added level keeps all its keys, the trained coarsest level sees every key again and variant
+    B's output is the published one (the added level's message has weight 0)."""
+    from matcher.transformer import QuadtreeAttention
+
+    torch.manual_seed(1)
+    plain = QuadtreeAttention(16, 4, [32, 16], "B", kernel="torch").eval()
+    bounded = QuadtreeAttention(16, 4, [32, 16], "B", kernel="torch", max_coarsest_tokens=16).eval()
+    bounded.load_state_dict(plain.state_dict())
+    x, source = torch.randn(2, 256, 16), torch.randn(2, 256, 16)
+    with torch.no_grad():
+        expected = plain(x, source, (16, 16), (16, 16))
+        out, selection = bounded(x, source, (16, 16), (16, 16), return_selection=True)
+    assert len(selection) == 2 and selection[0].shape == (2, 4, 16, 16)  # 4 x 4 added level, all 16 keys kept
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

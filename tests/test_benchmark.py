@@ -144,13 +144,16 @@ def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},
         "attention": {"rows": [
-            {"tokens": 4800, "quadtree_s": 1.0, "quadtree_peak_mb": 10.0, "speedup": 3.0, "quadtree_gflop": 3.0},
-            {"tokens": 19200, "quadtree_s": 4.0, "quadtree_peak_mb": 50.0, "speedup": 12.0, "quadtree_gflop": 12.0},
-            {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0, "quadtree_gflop": 66.0},
+            {"tokens": 4800, "quadtree_s": 1.0, "quadtree_peak_mb": 10.0, "speedup": 3.0, "quadtree_gflop": 3.0,
+             "bounded_s": 1.0, "bounded_peak_mb": 10.0, "bounded_gflop": 3.0},
+            {"tokens": 19200, "quadtree_s": 4.0, "quadtree_peak_mb": 50.0, "speedup": 12.0, "quadtree_gflop": 12.0,
+             "bounded_s": 3.5, "bounded_peak_mb": 40.0, "bounded_gflop": 11.0},
+            {"tokens": 76800, "quadtree_s": 20.0, "quadtree_peak_mb": 100.0, "quadtree_gflop": 66.0,
+             "bounded_s": 14.0, "bounded_peak_mb": 160.0, "bounded_gflop": 44.0},
         ]},
         "memory": {"peak_mb": 2048.0},
         "agreement": {"autocast": {"bf16": {"kept_within_1px": 0.97}}, "bf16_features": {"kept_within_1px": 0.99},
-                      "winograd_kept_within_1px": 1.0},
+                      "winograd_kept_within_1px": 1.0, "bounded": {"kept_within_1px": 0.9}},
         "gpu": {"640x480": {"time_ratio_fp32": 2.0}, "1152x1152": {"time_ratio_fp32": 0.8}},
     }
     r = bench.ratios_of(results)
@@ -158,6 +161,9 @@ def test_ratios_from_results(bench):
     assert r["quadtree_time_growth_1"] == 4.0 and r["quadtree_time_growth_2"] == 5.0
     assert r["quadtree_memory_growth_1"] == 5.0 and r["quadtree_memory_growth_2"] == 2.0
     assert r["quadtree_flop_growth_1"] == 4.0 and r["quadtree_flop_growth_2"] == 5.5
+    assert r["bounded_time_growth_1"] == 3.5 and r["bounded_time_growth_2"] == 4.0
+    assert r["bounded_memory_growth_1"] == 4.0 and r["bounded_memory_growth_2"] == 4.0
+    assert r["bounded_flop_growth_2"] == 4.0 and r["bounded_agreement"] == 0.9
     assert r["peak_gb_1600x1200"] == 2.0 and r["bf16_agreement"] == 0.97 and r["winograd_agreement"] == 1.0
     assert r["gpu_time_ratio_1152"] == 0.8 and r["bf16_features_agreement"] == 0.99
     assert bench.ratios_of({})["gpu_time_ratio_1152"] is None
@@ -235,6 +241,13 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert all(r["quadtree_s"] > 0 and r["quadtree_peak_mb"] is not None for r in rows)
     # q/k/v/output projections alone: 4 x N x 256 x 256 x 2 FLOPs; the attention adds more
     assert all(r["quadtree_gflop"] > 4 * r["tokens"] * 256 * 256 * 2 / 1e9 for r in rows)
+    # the coarsest level bounded to the first grid's (2 x 2 = 4 tokens): one level more per 4x the tokens
+    assert results["attention"]["bounded_coarsest_tokens"] == 4 and [r["bounded_levels"] for r in rows] == [3, 4, 5]
+    assert all(r["bounded_s"] > 0 and r["bounded_peak_mb"] is not None and r["bounded_gflop"] > 0 for r in rows)
+    assert rows[0]["bounded_gflop"] == rows[0]["quadtree_gflop"]  # the first grid runs the published 3 levels
+    bounded = results["agreement"]["bounded"]  # shipped weights at 256x192 with the coarsest level of 128x96 (3 x 4)
+    assert bounded["hw"] == [192, 256] and bounded["max_coarsest_tokens"] == 12
+    assert min(bounded["matches"].values()) > 0 and 0.0 <= bounded["kept_within_1px"] <= 1.0
     assert results["memory"].get("peak_mb", 0) > 0, results["memory"]
     flops = {r["stage"]: r["gflop"] for r in results["flops"]["rows"]}
     assert flops["backbone"] > flops["loftr_coarse"] > 0
@@ -247,6 +260,8 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
     assert "with Winograd on every 3x3 layer)" in md
     assert "QuadTree-B FLOPs grow" in md and "from 64 to 256 tokens" in md
+    assert "`coarse.max_coarsest_tokens: 4`" in md and "| 1024 | 5 |" in md
+    assert "Coarsest QuadTree level bounded to 12 tokens" in md
     # the quick sizes are not the targets': no attention ratio is reported as if measured at 19,200 tokens
     assert results["ratios"]["attention_speedup_19200"] is None and results["ratios"]["quadtree_time_growth_1"] is None
     assert "| met |" not in md and "| not met |" not in md and "n/a (quick)" in md

@@ -75,6 +75,28 @@ def test_configs_build_and_match_different_sizes(name):
     assert set(out["batch_indexes"].tolist()) <= {0, 1}
 
 
+def test_a_bounded_coarsest_level_pads_to_its_levels_and_matches():
+    """``coarse.max_coarsest_tokens`` adds QuadTree levels on large grids: the pair is padded to their
+    multiple (here 8 instead of 4), and with a bound above the trained coarsest level nothing changes."""
+    bounded = Matcher(load_config("lite", match_coarse={"thr": 0.0}, coarse={"max_coarsest_tokens": 16})).eval()
+    plain = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
+    loose = Matcher(load_config("lite", match_coarse={"thr": 0.0}, coarse={"max_coarsest_tokens": 20})).eval()
+    for model in (plain, loose):
+        model.load_state_dict(bounded.state_dict())
+    # coarse grids 13 x 17 and 19 x 12: trained coarsest 4 x 5 = 20 tokens (> 16: one level more)
+    assert bounded.loftr_coarse.padding_multiple((13, 17), (19, 12)) == 8
+    assert plain.loftr_coarse.padding_multiple((13, 17), (19, 12)) == loose.loftr_coarse.padding_multiple((13, 17), (19, 12)) == 4
+    g = torch.Generator().manual_seed(0)
+    batch = {"image0": torch.rand(1, 1, 100, 130, generator=g), "image1": torch.rand(1, 1, 150, 90, generator=g)}
+    with torch.inference_mode():
+        out, expected, same = bounded(batch), plain(batch), loose(batch)
+    for key in expected:
+        torch.testing.assert_close(same[key], expected[key])
+    m = len(out["confidence"])
+    assert m > 0 and out["keypoints0"].shape == (m, 2) and out["keypoints1"].shape == (m, 2)
+    assert (out["keypoints0"][:, 0] < 130).all() and (out["keypoints0"][:, 1] < 100).all()
+
+
 def test_forward_does_not_mutate_batch():
     model = Matcher(load_config("lite")).eval()
     batch = {"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64)}
@@ -191,6 +213,8 @@ def test_unknown_config_key_is_an_error():
     ("match_coarse.thr", "high", "match_coarse.thr must be a number"),
     ("match_coarse.border_rm", -3, "border_rm must be at least 0"),
     ("inference.resize", 4, "inference.resize must be null or at least 8"),
+    ("coarse.max_coarsest_tokens", 0, "coarse.max_coarsest_tokens must be null or an integer of at least 1"),
+    ("coarse.max_coarsest_tokens", "300", "coarse.max_coarsest_tokens must be null or an integer"),
     ("coarse", 5, "coarse must be a mapping of keys"),
     ("backbone_type", "VGG", "backbone_type must be one of ResNetFPN"),
 ])

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="matches.png", help="output picture")
     p.add_argument("--max-matches", type=count_argument, default=1000, help="draw at most this many matches")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
+    p.add_argument("--max-coarsest-tokens", type=int, help="large images: bound the coarsest QuadTree level to this "
+                   "many tokens by adding levels (coarse.max_coarsest_tokens; 300 is the trained size at 640x480)")
     add_precision_arguments(p, default=None)
     p.add_argument("--truth", help="npz with K0, K1, T_0to1 (default: the sample pair's, for the sample pair)")
     args = p.parse_args(argv)
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         model, which = matcher_with_description(args.weights, args.config)
         model = model.to(args.device)
         set_feature_dtype(model, feature_dtype_argument(args))
+        if args.max_coarsest_tokens is not None:
+            model.set_max_coarsest_tokens(args.max_coarsest_tokens)
         resize = args.resize if args.resize is not None else "config"
         images = [load_gray(path, name) for path, name in ((args.image0, "image0"), (args.image1, "image1"))]
         start = time.perf_counter()

@@ -73,6 +73,10 @@ TARGETS = (
 #: Token counts of the attention targets (4,800 -> 19,200 -> 76,800: 80x60, 160x120, 320x240 grids).
 TARGET_TOKENS = (4800, 19200, 76800)
 
+#: ``coarse.max_coarsest_tokens`` of the memory section's second run: the trained coarsest level's size at 640x480
+#: (15 x 20), so a 1600x1200 pair (coarsest 50 x 38 with 3 levels) gets one level more.
+MEMORY_BOUND = 300
+
 #: Image sizes (H, W) of the GPU throughput section; the target compares ours with kornia at the last one.
 GPU_SIZES = [(480, 640), (1152, 1152)]
 
@@ -144,17 +148,19 @@ def sample_pair(hw: tuple[int, int], device: str) -> tuple[torch.Tensor, torch.T
     return images[0], images[1]
 
 
-def build_ours(config: str, device: str, seed: int = 0, kernel: str = "auto", feature_dtype: str = "float32") -> torch.nn.Module:
+def build_ours(config: str, device: str, seed: int = 0, kernel: str = "auto", feature_dtype: str = "float32",
+               max_coarsest_tokens: int | None = None) -> torch.nn.Module:
     """Seeded random weights; coarse threshold 0 so that every mutual nearest neighbour is a match and the
     fine stage does the work it does with trained weights (random weights give no confident matches).
     ``kernel``: the coarse stage's Triton kernels (auto: on CUDA when installed) or ``torch``;
-    ``feature_dtype``: ``inference.feature_dtype``."""
+    ``feature_dtype``: ``inference.feature_dtype``; ``max_coarsest_tokens``: ``coarse.max_coarsest_tokens``."""
     from matcher import Matcher, load_config
 
     torch.manual_seed(seed)
     cfg = load_config(config)
     cfg.match_coarse.thr = 0.0
     cfg.coarse.kernel = kernel
+    cfg.coarse.max_coarsest_tokens = max_coarsest_tokens
     cfg.inference.feature_dtype = feature_dtype
     model = Matcher(cfg)
     _init_like_kornia(model.loftr_coarse)
@@ -202,7 +208,10 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         reuse_freed_memory()
     device = spec["device"]
     if spec["kind"] == "pair":
-        model = build_ours(spec["config"], device) if spec["model"] == "ours" else build_kornia(device)
+        if spec["model"] == "ours":
+            model = build_ours(spec["config"], device, max_coarsest_tokens=spec.get("max_coarsest_tokens"))
+        else:
+            model = build_kornia(device)
         x0, x1 = sample_pair(tuple(spec["hw"]), device)
         fn = lambda: run_pair(model, x0, x1)  # noqa: E731
     else:
@@ -507,25 +516,19 @@ def bounded_agreement(model: torch.nn.Module, hw: tuple[int, int], device: str) 
     ``coarse.max_coarsest_tokens`` at the trained coarsest level's size at ``hw`` (300 tokens at 640x480: one
     level more at 1280x960): matches of each, the share of the trained levels' matches kept within 1 px, and
     the time of each (one call after one untimed)."""
-    import copy
-
-    from matcher import Matcher
-
     big = (2 * hw[0], 2 * hw[1])
     bound = -(-hw[0] // 32) * -(-hw[1] // 32)
-    cfg = copy.deepcopy(model.config)
-    cfg.coarse.max_coarsest_tokens = bound
-    bounded = Matcher(cfg).to(device).eval()
-    bounded.load_state_dict(model.state_dict())
     x0, x1 = sample_pair(big, device)
     outputs, seconds = {}, {}
-    for name, m in (("trained_levels", model), ("bounded", bounded)):
-        run_pair(m, x0, x1)
+    for name, tokens in (("trained_levels", None), ("bounded", bound)):
+        model.set_max_coarsest_tokens(tokens)
+        run_pair(model, x0, x1)
         sync(device)
         start = time.perf_counter()
-        outputs[name] = run_pair(m, x0, x1)
+        outputs[name] = run_pair(model, x0, x1)
         sync(device)
         seconds[name] = time.perf_counter() - start
+    model.set_max_coarsest_tokens(None)
     to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
     ref, new = outputs["trained_levels"], outputs["bounded"]
     kept = matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))
@@ -880,6 +883,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         if mem.get("first_seconds") is not None:
             val += f" (second pair; the first, which compiles the GPU kernels, took {mem['first_seconds']:.1f} s)"
         lines += [f"## Peak memory, one {mem['hw'][1]}x{mem['hw'][0]} pair, quadtree_b_indoor", "", val, ""]
+        bd = mem.get("bounded", {})
+        if "peak_mb" in bd:
+            lines += [f"With `coarse.max_coarsest_tokens: {bd['max_coarsest_tokens']}` (coarsest QuadTree level bounded): "
+                      f"{bd['peak_mb'] / 1024:.2f} GB above the loaded model, {bd['seconds']:.1f} s, {bd['matches']} matches", ""]
+        elif bd:
+            lines += [f"With `coarse.max_coarsest_tokens: {bd['max_coarsest_tokens']}`: {bd.get('error', '')}", ""]
     for f in (results[k] for k in ("flops", "flops_default") if k in results):
         precision = " (backbone + coarse transformer in bf16: the default here)" if f.get("feature_dtype") == "bfloat16" else ""
         lines += [f"## FLOPs per stage, quadtree_b_indoor{precision}, {f['hw'][1]}x{f['hw'][0]} ({f['total_gflop']:.1f} GFLOP, "
@@ -993,6 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads,
                 "reuse_freed_memory": reuse_memory}
         results["memory"] = {"hw": list(hw), **run_child(spec)}
+        # the same pair with the coarsest QuadTree level bounded (one level more here)
+        bound = 20 if quick else MEMORY_BOUND  # quick: 320x240, coarsest 8 x 10 with 3 levels
+        results["memory"]["bounded"] = {"max_coarsest_tokens": bound, **run_child({**spec, "max_coarsest_tokens": bound})}
     if "winograd" in sections and device == "cpu":
         print("Winograd vs direct convolution by width ...", flush=True)
         widths, hw = ([8, 16, 32], (16, 24)) if quick else ([64, 96, 128, 160, 196, 256], (120, 160))

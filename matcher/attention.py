@@ -410,6 +410,7 @@ def quadtree_attention(
     key_masks: list[torch.Tensor | None] | None = None,
     return_selection: bool = False,
     kernel: str = "auto",
+    selection_only_levels: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """QuadTree attention (Tang et al., ICLR 2022) over token pyramids.
 
@@ -434,14 +435,19 @@ def quadtree_attention(
             order (an unsorted top-k is faster, and the next level does not depend on the order).
         kernel: refine-level implementation, one of :data:`~matcher.triton_support.KERNELS`. The fused
             Triton kernel has no backward pass, so ``auto`` takes it only when no gradient is needed.
+        selection_only_levels: variant B: the number of coarsest levels that only select keys for the next
+            level (levels added above the trained ones): their messages get weight 0 and ``level_weights``
+            holds the logits of the other levels only.
     Returns:
         ``(B, nhead, h_0 * w_0, D)`` messages for the finest queries (and the selections).
     """
     num_levels = len(queries)
     if variant not in ("A", "B"):
         raise ValueError(f"variant must be 'A' or 'B', got {variant!r}")
-    if variant == "B" and (level_weights is None or level_weights.numel() != num_levels):
-        raise ValueError("variant B needs level_weights of one entry per level")
+    if not 0 <= selection_only_levels < num_levels or (selection_only_levels and variant != "B"):
+        raise ValueError(f"selection_only_levels must be in [0, {num_levels}) and 0 unless variant B, got {selection_only_levels}")
+    if variant == "B" and (level_weights is None or level_weights.numel() != num_levels - selection_only_levels):
+        raise ValueError("variant B needs level_weights of one entry per level (but the selection-only levels)")
     if key_masks is None:
         key_masks = [None] * num_levels
     _check_pyramids(queries, keys, values, key_masks, topks)
@@ -450,7 +456,7 @@ def quadtree_attention(
     mix = None
     if variant == "B":  # softmax in at least float32, then in the tokens' dtype
         mix = torch.softmax(level_weights.to(torch.promote_types(level_weights.dtype, torch.float32)), 0)
-        mix = mix.to(queries[0].dtype)
+        mix = torch.cat([mix.new_zeros(selection_only_levels), mix]).to(queries[0].dtype)
 
     message, idx, scores, selections = None, None, None, []
     for step, level in enumerate(reversed(range(num_levels))):  # coarsest first

@@ -143,6 +143,19 @@ class Matcher(nn.Module):
         dtype = resolve_feature_dtype(self.config.inference.feature_dtype, self._device())
         return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
+    def set_max_coarsest_tokens(self, tokens: int | None) -> "Matcher":
+        """Set ``coarse.max_coarsest_tokens`` of a built model (e.g. shipped weights) and return it: on grids
+        whose coarsest QuadTree level would hold more tokens, levels are added above the trained ones
+        (:class:`~matcher.transformer.QuadtreeAttention`); None restores the trained levels everywhere."""
+        previous, self.config.coarse.max_coarsest_tokens = self.config.coarse.max_coarsest_tokens, tokens
+        try:
+            validate_config(self.config)
+        except ValueError:
+            self.config.coarse.max_coarsest_tokens = previous
+            raise
+        self.loftr_coarse.set_max_coarsest_tokens(tokens)
+        return self
+
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 

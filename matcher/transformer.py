@@ -178,22 +178,15 @@ class QuadtreeAttention(nn.Module):
         ks, kmasks = pool_levels(project(self.k_proj, source, source_hw), levels, mask_s)
         vs, _ = pool_levels(project(self.v_proj, source, source_hw), levels, mask_s)
         to_heads = lambda maps: [_grid_heads(m, self.nhead) for m in maps]  # noqa: E731
-        topks, level_weights = self._levels(levels - self.num_levels)
+        added = levels - self.num_levels  # they keep as many keys as the trained coarsest level
         out = quadtree_attention(
-            to_heads(qs), to_heads(ks), to_heads(vs), topks, self.variant,
-            level_weights, kmasks, return_selection=return_selection, kernel=self.kernel,
+            to_heads(qs), to_heads(ks), to_heads(vs), [self.topks[0]] * added + self.topks, self.variant,
+            self.py_att.weight, kmasks, return_selection=return_selection, kernel=self.kernel,
+            selection_only_levels=added if self.variant == "B" else 0,
         )
         message, selection = out if return_selection else (out, None)
         message = onednn.linear(_merge_heads(message), self.proj.weight, self.proj.bias)
         return (message, selection) if return_selection else message
-
-    def _levels(self, added: int) -> tuple[list[int], torch.Tensor | None]:
-        """Top-k list and level-mixture logits (coarsest first) with ``added`` levels above the trained ones:
-        they keep ``topks[0]`` keys and, in variant B, get logit -inf (weight 0)."""
-        weights = self.py_att.weight
-        if added and weights is not None:
-            weights = torch.cat([weights.new_full((added,), float("-inf")), weights])
-        return [self.topks[0]] * added + self.topks, weights
 
 
 class QuadtreeBlock(nn.Module):
@@ -283,6 +276,14 @@ class LocalFeatureTransformer(nn.Module):
         self.layers = nn.ModuleList([copy.deepcopy(block) for _ in self.layer_names])
         if not self.is_quadtree:
             init_xavier_(self)  # LoFTR's layers are copies too, then drawn anew, each its own
+
+    def set_max_coarsest_tokens(self, tokens: int | None) -> None:
+        """The bound on the coarsest QuadTree level of every layer (see :class:`QuadtreeAttention`)."""
+        if not self.is_quadtree:
+            return
+        self.max_coarsest_tokens = tokens
+        for layer in self.layers:
+            layer.attn.max_coarsest_tokens = tokens
 
     def padding_multiple(self, hw0: tuple[int, int], hw1: tuple[int, int]) -> int:
         """What both grid sides of a pair must be divisible by: ``2 ** (levels - 1)`` for QuadTree (its levels

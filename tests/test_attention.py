@@ -488,3 +488,13 @@ def test_added_levels_that_keep_every_key_change_nothing_in_b():
         out, selection = bounded(x, source, (16, 16), (16, 16), return_selection=True)
     assert len(selection) == 2 and selection[0].shape == (2, 4, 16, 16)  # 4 x 4 added level, all 16 keys kept
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_selection_only_levels_are_checked():
+    qs, ks, vs, _ = _pyramids(1, 2, 4, (8, 8), (8, 8), 3, seed=5)
+    with pytest.raises(ValueError, match="0 unless variant B"):
+        quadtree_attention(qs, ks, vs, [3, 2, 2], "A", selection_only_levels=1)
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\)"):
+        quadtree_attention(qs, ks, vs, [3, 2, 2], "B", torch.zeros(0, dtype=torch.float64), selection_only_levels=3)
+    with pytest.raises(ValueError, match="one entry per level"):  # 3 logits, but the coarsest level only selects
+        quadtree_attention(qs, ks, vs, [3, 2, 2], "B", torch.zeros(3, dtype=torch.float64), selection_only_levels=1)

@@ -249,6 +249,7 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert bounded["hw"] == [192, 256] and bounded["max_coarsest_tokens"] == 12
     assert min(bounded["matches"].values()) > 0 and 0.0 <= bounded["kept_within_1px"] <= 1.0
     assert results["memory"].get("peak_mb", 0) > 0, results["memory"]
+    assert results["memory"]["bounded"].get("peak_mb", 0) > 0 and results["memory"]["bounded"]["max_coarsest_tokens"] == 20
     flops = {r["stage"]: r["gflop"] for r in results["flops"]["rows"]}
     assert flops["backbone"] > flops["loftr_coarse"] > 0
     assert math.isclose(sum(flops.values()), results["flops"]["total_gflop"], rel_tol=1e-6)

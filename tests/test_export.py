@@ -16,22 +16,23 @@ from .conftest import textured_image
 ort = pytest.importorskip("onnxruntime")
 
 
-def random_lite() -> Matcher:
+def random_lite(max_coarsest_tokens: int | None = None) -> Matcher:
     """Random `lite` weights, every mutual nearest neighbour a match, and one self / cross pair of coarse
     layers (the ops of all eight, a quarter of the graph to trace)."""
     torch.manual_seed(0)
-    cfg = load_config("lite", match_coarse={"thr": 0.0}, coarse={"layer_names": ["self", "cross"]})
-    return Matcher(cfg).eval()
+    coarse = {"layer_names": ["self", "cross"], "max_coarsest_tokens": max_coarsest_tokens}
+    return Matcher(load_config("lite", match_coarse={"thr": 0.0}, coarse=coarse)).eval()
 
 
-@pytest.mark.parametrize("chunked_matching", [False, True])
-def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, chunked_matching):
-    if chunked_matching:  # the row-chunked coarse matcher of large pairs, traced into the graph
+@pytest.mark.parametrize("variant", ["plain", "chunked_matching", "bounded_coarsest_level"])
+def test_onnx_export_matches_pytorch(tmp_path, monkeypatch, variant):
+    if variant == "chunked_matching":  # the row-chunked coarse matcher of large pairs, traced into the graph
         import matcher.matching as matching
 
         monkeypatch.setattr(matching, "CPU_DENSE_MATCHING_MAX_ENTRIES", 0)
         monkeypatch.setattr(matching, "MATCHING_CHUNK_ENTRIES", 192 * 64)  # 5 chunks of query rows
-    model = random_lite()
+    # bounded: coarse grids 15 x 20 and 12 x 16 get 5 QuadTree levels instead of 3 (coarsest 1 x 2), padded to 16
+    model = random_lite(4 if variant == "bounded_coarsest_level" else None)
     path = export_onnx(model, tmp_path / "lite.onnx", size0=(120, 160), size1=(96, 128))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for seed in (1, 2):

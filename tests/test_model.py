@@ -78,9 +78,8 @@ def test_configs_build_and_match_different_sizes(name):
 def test_a_bounded_coarsest_level_pads_to_its_levels_and_matches():
     """``coarse.max_coarsest_tokens`` adds QuadTree levels on large grids: the pair is padded to their
     multiple (here 8 instead of 4), and with a bound above the trained coarsest level nothing changes."""
-    bounded = Matcher(load_config("lite", match_coarse={"thr": 0.0}, coarse={"max_coarsest_tokens": 16})).eval()
-    plain = Matcher(load_config("lite", match_coarse={"thr": 0.0})).eval()
-    loose = Matcher(load_config("lite", match_coarse={"thr": 0.0}, coarse={"max_coarsest_tokens": 20})).eval()
+    config = lambda bound: load_config("lite", match_coarse={"thr": 0.0}, coarse={"topks": [2, 2, 2], "max_coarsest_tokens": bound})  # noqa: E731
+    bounded, plain, loose = (Matcher(config(bound)).eval() for bound in (16, None, 20))
     for model in (plain, loose):
         model.load_state_dict(bounded.state_dict())
     # coarse grids 13 x 17 and 19 x 12: trained coarsest 4 x 5 = 20 tokens (> 16: one level more)
@@ -92,9 +91,18 @@ def test_a_bounded_coarsest_level_pads_to_its_levels_and_matches():
         out, expected, same = bounded(batch), plain(batch), loose(batch)
     for key in expected:
         torch.testing.assert_close(same[key], expected[key])
+    # the added 2 x 3 level keeps 2 keys per query: the trained coarsest level sees 8 of its 20 keys
+    assert len(out["confidence"]) != len(expected["confidence"]) or not torch.allclose(out["confidence"], expected["confidence"])
     m = len(out["confidence"])
     assert m > 0 and out["keypoints0"].shape == (m, 2) and out["keypoints1"].shape == (m, 2)
     assert (out["keypoints0"][:, 0] < 130).all() and (out["keypoints0"][:, 1] < 100).all()
+    # on a built model: the setter gives the bounded model's output, None the trained levels' again
+    with torch.inference_mode():
+        torch.testing.assert_close(plain.set_max_coarsest_tokens(16)(batch)["keypoints1"], out["keypoints1"])
+        torch.testing.assert_close(plain.set_max_coarsest_tokens(None)(batch)["keypoints1"], expected["keypoints1"])
+    with pytest.raises(ValueError, match="max_coarsest_tokens must be null or an integer"):
+        plain.set_max_coarsest_tokens(0)
+    assert plain.config.coarse.max_coarsest_tokens is None and plain.loftr_coarse.max_coarsest_tokens is None
 
 
 def test_forward_does_not_mutate_batch():

@@ -21,8 +21,8 @@ import numpy as np
 
 from matcher.allocator import reuse_freed_memory
 from matcher.evaluation import (
-    add_precision_arguments, device_argument, feature_dtype_argument, long_side_argument, count_argument,
-    set_feature_dtype,
+    add_precision_arguments, count_argument, device_argument, feature_dtype_argument, long_side_argument,
+    positive_int_argument, set_feature_dtype,
 )
 from matcher.image_io import load_gray
 from matcher.metrics import epipolar_precision
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="matches.png", help="output picture")
     p.add_argument("--max-matches", type=count_argument, default=1000, help="draw at most this many matches")
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
-    p.add_argument("--max-coarsest-tokens", type=int, help="large images: bound the coarsest QuadTree level to this "
+    p.add_argument("--max-coarsest-tokens", type=positive_int_argument, help="large images: bound the coarsest QuadTree level to this "
                    "many tokens by adding levels (coarse.max_coarsest_tokens; 300 is the trained size at 640x480)")
     add_precision_arguments(p, default=None)
     p.add_argument("--truth", help="npz with K0, K1, T_0to1 (default: the sample pair's, for the sample pair)")

@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_pairs is not None:
         num_pairs = min(num_pairs, args.max_pairs)
     names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args))
+    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
     caches = open_caches(args.out, prefix, names, matchers, data_fingerprint, args.overwrite_cache)
     try:
         run = run_pairs(

@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_fingerprint = {**data_fingerprint, "resize": args.resize}
     num_pairs = len(dataset) if args.max_pairs is None else min(args.max_pairs, len(dataset))
     names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args))
+    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
     caches = open_caches(args.out, f"pose-{args.dataset}", names, matchers, data_fingerprint, args.overwrite_cache)
     try:
         run = run_pairs(

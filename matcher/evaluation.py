@@ -106,18 +106,22 @@ def matcher_fingerprint(matcher: Any, name: str) -> dict[str, Any]:
     return fingerprint
 
 
-def build_matchers(names: Sequence[str], device: str, config: str | None = None, feature_dtype: str | None = None) -> dict[str, Any]:
+def build_matchers(names: Sequence[str], device: str, config: str | None = None, feature_dtype: str | None = None,
+                   max_coarsest_tokens: int | None = None) -> dict[str, Any]:
     """``{label: matcher}`` for the given names (see ``matcher.baselines.build_matcher``; ``config`` is the
     architecture of checkpoints with no ``.yaml`` beside them; ``feature_dtype``, when given, overrides the
     learned matchers' ``inference.feature_dtype``: the evaluation scripts pin ``float32`` unless ``--bf16``,
-    so that a protocol's numbers do not depend on the CPU). The torch seed is fixed first so that a config
-    name (random weights) builds the same model on every run."""
+    so that a protocol's numbers do not depend on the CPU; ``max_coarsest_tokens``, when given, sets the
+    learned matchers' ``coarse.max_coarsest_tokens``). The torch seed is fixed first so that a config name
+    (random weights) builds the same model on every run."""
     import torch
 
     torch.manual_seed(0)
     matchers = {label: build_matcher(name, device=device, config=config) for label, name in zip(unique_labels(names), names)}
     for matcher in matchers.values():
-        set_feature_dtype(matcher, feature_dtype)  # part of a learned matcher's fingerprint
+        set_feature_dtype(matcher, feature_dtype)  # part of a learned matcher's fingerprint, as the bound below
+        if max_coarsest_tokens is not None and hasattr(matcher, "set_max_coarsest_tokens"):
+            matcher.set_max_coarsest_tokens(max_coarsest_tokens)
     return matchers
 
 
@@ -433,6 +437,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval_results", help="folder for the tables and the prediction caches")
     parser.add_argument("--device", default="cpu", type=device_argument, help="device of learned matchers: cpu, cuda or cuda:N")
     add_precision_arguments(parser, default="float32")
+    parser.add_argument("--max-coarsest-tokens", type=positive_int_argument, default=None,
+                        help="learned QuadTree matchers: bound the coarsest level to this many tokens by adding levels "
+                        "(coarse.max_coarsest_tokens; default: the config's, null in the shipped ones)")
     parser.add_argument("--overwrite-cache", action="store_true", help="discard existing prediction caches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -458,9 +465,13 @@ def feature_dtype_argument(args: argparse.Namespace) -> str | None:
 
 
 def numerics_protocol(args: argparse.Namespace) -> str:
-    """The protocol line of the learned matchers' precision (:func:`add_precision_arguments`' flags)."""
+    """The protocol line of the learned matchers' precision (:func:`add_precision_arguments`' flags) and of
+    ``--max-coarsest-tokens``."""
     features = feature_dtype_argument(args) or _AUTO_PRECISION
-    return f"learned matchers' backbone + coarse transformer in {features}, coarse matching and fine stage in float32"
+    line = f"learned matchers' backbone + coarse transformer in {features}, coarse matching and fine stage in float32"
+    if getattr(args, "max_coarsest_tokens", None) is not None:
+        line += f"; coarsest QuadTree level bounded to {args.max_coarsest_tokens} tokens (levels added above the trained ones)"
+    return line
 
 
 def long_side_argument(value: str) -> int:
@@ -475,6 +486,17 @@ def long_side_argument(value: str) -> int:
     if long_side < MIN_SIDE:
         raise argparse.ArgumentTypeError(f"must be at least {MIN_SIDE} px (one coarse cell), got {long_side}")
     return long_side
+
+
+def positive_int_argument(value: str) -> int:
+    """argparse ``type`` of an integer of at least 1 (``--max-coarsest-tokens``)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value!r}")
+    return number
 
 
 def count_argument(value: str) -> int:

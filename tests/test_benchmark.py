@@ -90,11 +90,13 @@ def test_cpu_matmul_rate_is_the_better_of_torch_and_onednn(bench, monkeypatch):
 
 def test_attention_section_times_every_grid_in_one_interleaved_run(bench, monkeypatch):
     """The time-growth ratios compare QuadTree-B calls of one interleaved run (rounds over all grids), like
-    the speed-ups; SDPA runs only at the grids whose quadratic estimate fits the budget."""
+    the speed-ups; SDPA runs only at the grids whose quadratic estimate fits the budget; the bounded layer
+    (coarsest level at most the first grid's) runs in the same rounds."""
     calls, runs = [], []
-    monkeypatch.setattr(bench, "attention_layer", lambda grid, device: (grid, ()))
-    monkeypatch.setattr(bench, "attention_forward", lambda layer, kind, grid, *inputs: calls.append((kind, grid[0] * grid[1])))
-    monkeypatch.setattr(bench, "quadtree_gflop", lambda grid, device: 1.0)
+    monkeypatch.setattr(bench, "attention_layer", lambda grid, device, max_coarsest_tokens=None: ((grid, max_coarsest_tokens), ()))
+    record = lambda layer, kind, grid, *inputs: calls.append((kind if layer[1] is None else f"bounded {layer[1]}", grid[0] * grid[1]))  # noqa: E731
+    monkeypatch.setattr(bench, "attention_forward", record)
+    monkeypatch.setattr(bench, "quadtree_gflop", lambda grid, device, max_coarsest_tokens=None: 1.0)
     monkeypatch.setattr(bench, "run_child", lambda spec: {"peak_mb": 1.0})
     clock = iter(range(1000))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))  # every call "takes" 1 s
@@ -107,16 +109,19 @@ def test_attention_section_times_every_grid_in_one_interleaved_run(bench, monkey
         return {name: float(len(name)) for name in fns}
 
     monkeypatch.setattr(bench, "median_times", fake_median_times)
-    grids = [(2, 2), (4, 4), (8, 8)]  # 4, 16, 64 tokens: SDPA estimated at 1, 16 and 256 s per call
+    grids = [(4, 4), (8, 8), (16, 16)]  # 16, 64, 256 tokens: SDPA estimated at 1, 16 and 256 s per call
     out = bench.section_attention(grids, "cpu", 1, repeats=3, sdpa_budget_s=100, reuse_memory=False)
-    assert runs == [["quadtree (2, 2)", "sdpa (2, 2)", "quadtree (4, 4)", "sdpa (4, 4)", "quadtree (8, 8)"]]
-    # two SDPA calls at the first grid for the estimate, then rounds over every grid
-    assert calls[:2] == [("sdpa", 4), ("sdpa", 4)] and calls[2:7] == [("quadtree", 4), ("sdpa", 4), ("quadtree", 16),
-                                                                    ("sdpa", 16), ("quadtree", 64)]
+    assert runs == [["quadtree (4, 4)", "bounded (4, 4)", "sdpa (4, 4)", "quadtree (8, 8)", "bounded (8, 8)", "sdpa (8, 8)",
+                     "quadtree (16, 16)", "bounded (16, 16)"]]
+    # two SDPA calls at the first grid for the estimate, then rounds over every grid; the bound: 16 / 16 tokens
+    assert calls[:2] == [("sdpa", 16), ("sdpa", 16)] and calls[2:10] == [
+        ("quadtree", 16), ("bounded 1", 16), ("sdpa", 16), ("quadtree", 64), ("bounded 1", 64), ("sdpa", 64),
+        ("quadtree", 256), ("bounded 1", 256)]
     rows = out["rows"]
-    assert [r["quadtree_s"] for r in rows] == [len("quadtree (2, 2)"), len("quadtree (4, 4)"), len("quadtree (8, 8)")]
-    assert rows[1]["speedup"] == len("sdpa (4, 4)") / len("quadtree (4, 4)")
+    assert [r["quadtree_s"] for r in rows] == [len("quadtree (4, 4)"), len("quadtree (8, 8)"), len("quadtree (16, 16)")]
+    assert rows[1]["speedup"] == len("sdpa (8, 8)") / len("quadtree (8, 8)")
     assert rows[2]["sdpa_s"] is None and "estimated 256 s" in rows[2]["sdpa_note"] and rows[2]["sdpa_peak_mb"] is None
+    assert [r["bounded_levels"] for r in rows] == [3, 4, 5] and rows[2]["bounded_s"] == len("bounded (16, 16)")
 
 
 def test_winograd_break_even_and_section(bench):

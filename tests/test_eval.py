@@ -508,6 +508,27 @@ def test_build_matchers_sets_the_feature_dtype_of_learned_matchers() -> None:
     assert build_matchers(["lite"], "cpu")["lite"].config.inference.feature_dtype == "auto"  # None: the config's
 
 
+def test_build_matchers_bounds_the_coarsest_level_of_learned_matchers() -> None:
+    """``--max-coarsest-tokens``: set on learned matchers (their fingerprint changes, so caches stay apart),
+    named in the protocol, refused below 1 by the parser."""
+    import argparse
+
+    from matcher.evaluation import add_common_arguments, build_matchers, matcher_fingerprint, numerics_protocol
+
+    bounded = build_matchers(["lite", "sift"], "cpu", max_coarsest_tokens=300)
+    plain = build_matchers(["lite", "sift"], "cpu")
+    assert bounded["lite"].config.coarse.max_coarsest_tokens == 300 and plain["lite"].config.coarse.max_coarsest_tokens is None
+    assert all(layer.attn.max_coarsest_tokens == 300 for layer in bounded["lite"].loftr_coarse.layers)
+    assert matcher_fingerprint(bounded["lite"], "lite") != matcher_fingerprint(plain["lite"], "lite")
+    assert matcher_fingerprint(bounded["sift"], "sift") == matcher_fingerprint(plain["sift"], "sift")
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser)
+    assert "bounded to 300 tokens" in numerics_protocol(parser.parse_args(["--max-coarsest-tokens", "300"]))
+    assert "bounded" not in numerics_protocol(parser.parse_args([]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-coarsest-tokens", "0"])
+
+
 def test_fingerprint_of_auto_precision_records_what_the_machine_chose(monkeypatch) -> None:
     """With ``feature_dtype: auto`` the CPU decides the precision: a cache written where auto meant bf16 is
     refused where it means float32, and vice versa."""

@@ -75,7 +75,8 @@ TARGETS = (
 TARGET_TOKENS = (4800, 19200, 76800)
 
 #: ``coarse.max_coarsest_tokens`` of the memory section's second run: the trained coarsest level's size at 640x480
-#: (15 x 20), so a 1600x1200 pair (coarsest 50 x 38 with 3 levels) gets one level more.
+#: (15 x 20), so a 1600x1200 pair (coarsest 50 x 38 with 3 levels) gets two levels more (its 200 x 150 grid padded
+#: to 208 x 160, coarsest 13 x 10).
 MEMORY_BOUND = 300
 
 #: Image sizes (H, W) of the GPU throughput section; the target compares ours with kornia at the last one.
@@ -1003,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads,
                 "reuse_freed_memory": reuse_memory}
         results["memory"] = {"hw": list(hw), **run_child(spec)}
-        # the same pair with the coarsest QuadTree level bounded (one level more here)
+        # the same pair with the coarsest QuadTree level bounded (levels added)
         bound = 20 if quick else MEMORY_BOUND  # quick: 320x240, coarsest 8 x 10 with 3 levels
         results["memory"]["bounded"] = {"max_coarsest_tokens": bound, **run_child({**spec, "max_coarsest_tokens": bound})}
     if "winograd" in sections and device == "cpu":

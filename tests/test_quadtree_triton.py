@@ -51,6 +51,18 @@ def test_fused_kernel_equals_torch_path(device, hw_q, hw_k, topks, masked):
 
 
 @needs_triton
+def test_fused_kernel_with_selection_only_levels(device):
+    """Levels added above the trained ones (``coarse.max_coarsest_tokens``): a fused refine level that only
+    selects weights its message 0, as the PyTorch path does."""
+    qs, ks, vs, kmasks = _float32(device, *_pyramids(1, 2, 8, (16, 16), (16, 16), 4, seed=12, masked=True))
+    weights = torch.tensor([0.3, -0.2], device=device)  # the 2 trained levels; the 2 coarsest only select
+    args = (qs, ks, vs, [3, 3, 3, 2], "B", weights, kmasks)
+    ref = quadtree_attention(*args, kernel="torch", selection_only_levels=2)
+    out = quadtree_attention(*args, kernel="triton", selection_only_levels=2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
 def test_fused_kernel_half_precision_computes_in_float32(device):
     """bf16 tokens: the kernel accumulates in float32 and returns bf16, close to the float32 result."""
     qs, ks, vs, _ = _float32(device, *_pyramids(1, 2, 8, (8, 8), (8, 8), 3, seed=2))

@@ -479,6 +479,13 @@ def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, 
     return result
 
 
+def kept_within_1px(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    """Share of ``ref``'s matches that ``new`` (another run's model outputs) has within 1 px
+    (:func:`matcher.metrics.matches_kept`)."""
+    to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
+    return matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))
+
+
 def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dtype]) -> dict:
     """Share of the reference matches that a faster path keeps within 1 px, with the shipped default weights:
     each autocast dtype against fp32 (with bf16 also ``inference.feature_dtype: bfloat16``, the backbone and
@@ -490,25 +497,23 @@ def section_agreement(hw: tuple[int, int], device: str, autocasts: list[torch.dt
     model = Matcher.from_pretrained("default").to(device)
     model.config.inference.feature_dtype = "float32"  # the reference, on any CPU (auto may pick bf16)
     x0, x1 = sample_pair(hw, device)
-    to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
-    kept = lambda ref, new: matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))  # noqa: E731
     ref = run_pair(model, x0, x1)
     result: dict[str, Any] = {"weights": "default (lite)", "hw": list(hw), "fp32_matches": len(ref["keypoints0"]), "autocast": {}}
     for dtype in autocasts:
         new = run_pair(model, x0, x1, dtype)
-        result["autocast"][_dtype_name(dtype)] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
+        result["autocast"][_dtype_name(dtype)] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept_within_1px(ref, new)}
         if dtype == torch.bfloat16:
             model.config.inference.feature_dtype = "bfloat16"
             new = run_pair(model, x0, x1)
             model.config.inference.feature_dtype = "float32"
-            result["bf16_features"] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept(ref, new)}
+            result["bf16_features"] = {"matches": len(new["keypoints0"]), "kept_within_1px": kept_within_1px(ref, new)}
     if device == "cpu":  # Winograd on all 14 layers (AVX-512 CPUs' default; others only from winograd.default_min_channels())
         model.backbone.set_winograd(True, min_channels=0)
         every = run_pair(model, x0, x1)
         model.backbone.set_winograd(False)
         direct = run_pair(model, x0, x1)
         result.update(direct_matches=len(direct["keypoints0"]), winograd_matches=len(every["keypoints0"]),
-                      winograd_kept_within_1px=kept(direct, every))
+                      winograd_kept_within_1px=kept_within_1px(direct, every))
     result["bounded"] = bounded_agreement(model, hw, device)
     return result
 
@@ -531,11 +536,8 @@ def bounded_agreement(model: torch.nn.Module, hw: tuple[int, int], device: str) 
         sync(device)
         seconds[name] = time.perf_counter() - start
     model.set_max_coarsest_tokens(None)
-    to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
-    ref, new = outputs["trained_levels"], outputs["bounded"]
-    kept = matches_kept(*(to_np(o[k]) for o in (ref, new) for k in ("keypoints0", "keypoints1")))
     return {"hw": list(big), "max_coarsest_tokens": bound, "matches": {k: len(o["keypoints0"]) for k, o in outputs.items()},
-            "seconds": seconds, "kept_within_1px": kept}
+            "seconds": seconds, "kept_within_1px": kept_within_1px(outputs["trained_levels"], outputs["bounded"])}
 
 
 def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) -> dict:

@@ -488,26 +488,25 @@ def long_side_argument(value: str) -> int:
     return long_side
 
 
-def positive_int_argument(value: str) -> int:
-    """argparse ``type`` of an integer of at least 1 (``--max-coarsest-tokens``)."""
+def _integer_at_least(value: str, minimum: int) -> int:
+    """``int(value)``, or an argparse error naming ``minimum`` for anything else or anything smaller."""
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value!r}")
+        number = minimum - 1
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {value!r}")
     return number
+
+
+def positive_int_argument(value: str) -> int:
+    """argparse ``type`` of an integer of at least 1 (``--max-coarsest-tokens``)."""
+    return _integer_at_least(value, 1)
 
 
 def count_argument(value: str) -> int:
     """argparse ``type`` of a count, an integer of at least 0 (``--max-matches``)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {value!r}")
-    return number
+    return _integer_at_least(value, 0)
 
 
 def device_argument(value: str) -> str:

@@ -265,8 +265,6 @@ class LocalFeatureTransformer(nn.Module):
         super().__init__()
         self.layer_names = list(layer_names)
         self.is_quadtree = attention == "quadtree"
-        self.num_levels = len(topks) if self.is_quadtree else 1
-        self.max_coarsest_tokens = max_coarsest_tokens if self.is_quadtree else None
         if self.is_quadtree:
             # as LoFTR-QuadTree: one block drawn once and copied, so every layer starts from the same weights
             block = QuadtreeBlock(d_model, nhead, list(topks), attn_type, mlp_ratio, kernel, max_coarsest_tokens)
@@ -277,18 +275,25 @@ class LocalFeatureTransformer(nn.Module):
         if not self.is_quadtree:
             init_xavier_(self)  # LoFTR's layers are copies too, then drawn anew, each its own
 
+    @property
+    def max_coarsest_tokens(self) -> int | None:
+        """The layers' bound on their coarsest QuadTree level (see :class:`QuadtreeAttention`); None for LoFTR
+        layers."""
+        return self.layers[0].attn.max_coarsest_tokens if self.is_quadtree else None
+
     def set_max_coarsest_tokens(self, tokens: int | None) -> None:
-        """The bound on the coarsest QuadTree level of every layer (see :class:`QuadtreeAttention`)."""
-        if not self.is_quadtree:
-            return
-        self.max_coarsest_tokens = tokens
-        for layer in self.layers:
-            layer.attn.max_coarsest_tokens = tokens
+        """Set :attr:`max_coarsest_tokens` of every layer (nothing for LoFTR layers)."""
+        if self.is_quadtree:
+            for layer in self.layers:
+                layer.attn.max_coarsest_tokens = tokens
 
     def padding_multiple(self, hw0: tuple[int, int], hw1: tuple[int, int]) -> int:
         """What both grid sides of a pair must be divisible by: ``2 ** (levels - 1)`` for QuadTree (its levels
         for these grids, :func:`~matcher.attention.num_levels_for`), else 1."""
-        return 2 ** (num_levels_for(self.num_levels, self.max_coarsest_tokens, hw0, hw1) - 1)
+        if not self.is_quadtree:
+            return 1
+        attn = self.layers[0].attn
+        return 2 ** (num_levels_for(attn.num_levels, attn.max_coarsest_tokens, hw0, hw1) - 1)
 
     def forward(
         self,

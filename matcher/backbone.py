@@ -94,20 +94,45 @@ class BasicBlock(nn.Module):
         return F.relu(y.add_(x), inplace=True)
 
 
+#: Upsampled channels per piece in the top-down merge (:func:`_fpn_merge`), in bytes of the piece.
+MERGE_CHUNK_BYTES = 128 << 20
+
+
 def _fpn_merge(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """``fine`` plus ``coarse`` upsampled 2x (bilinear, align_corners) and cropped to ``fine``'s size.
+
+    Without autograd (and not while tracing for export) the sum is written into ``fine``, a lateral
+    convolution's fresh output that nothing else reads, a few channels at a time (bilinear upsampling works
+    per channel), so the upsampled map never exists whole: at 1600x1200 it would be one more 0.75 GB map at
+    the backbone's peak.
 
     For sides that are not multiples of 8 the finer map can be one cell smaller than twice the coarser
     one; cropping keeps cell i of the finer map reading the coarser map as the published weights expect.
     """
-    up = F.interpolate(coarse, scale_factor=2.0, mode="bilinear", align_corners=True)
-    return fine + up[..., : fine.shape[2], : fine.shape[3]]
+    h, w = fine.shape[2:]
+    upsample = lambda x: F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)[..., :h, :w]  # noqa: E731
+    if torch.is_grad_enabled() or is_tracing() or torch.result_type(fine, coarse) != fine.dtype:
+        return fine + upsample(coarse)
+    step = max(1, MERGE_CHUNK_BYTES // (fine[:, :1].numel() * fine.element_size()))
+    for c in range(0, fine.shape[1], step):
+        fine[:, c : c + step].add_(upsample(coarse[:, c : c + step]))
+    return fine
 
 
 def _outconv2(block: nn.Sequential, x: torch.Tensor, winograd: bool, min_channels: int | None) -> torch.Tensor:
-    """An FPN ``conv3x3 -> BN -> LeakyReLU -> conv3x3`` block with the batch norm folded in eval mode."""
+    """An FPN ``conv3x3 -> BN -> LeakyReLU -> conv3x3`` block with the batch norm folded in eval mode. The
+    input is released once the first convolution has read it, when the caller keeps no reference to it."""
     conv_a, bn, act, conv_b = block
-    return _conv(conv_bn(x, conv_a, bn, act.negative_slope, winograd, min_channels), conv_b, winograd, min_channels)
+    x = conv_bn(x, conv_a, bn, act.negative_slope, winograd, min_channels)
+    return _conv(x, conv_b, winograd, min_channels)
+
+
+def _run_blocks(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, calling the blocks one by one: ``nn.Module.__call__`` on the whole layer would keep its
+    input alive until the last block returns (at 1/2 resolution, one more full-size map at the peak)."""
+    for block in layer:
+        x = block(x)
+    return x
 
 
 class ResNetFPN(nn.Module):
@@ -157,11 +182,16 @@ class ResNetFPN(nn.Module):
         """``(B, 1, H, W)`` -> coarse ``(B, C3, H/8, W/8)`` and fine ``(B, C1, H/2, W/2)`` maps, both in
         channels-last memory order (same shapes and values as contiguous ones)."""
         image = image.contiguous(memory_format=torch.channels_last)
-        x1 = self.layer1(conv_bn(image, self.conv1, self.bn1, 0.0))
-        x2 = self.layer2(x1)
-        x3 = self.layer3(x2)
-        coarse = self.layer3_outconv(x3)
+        x1 = _run_blocks(self.layer1, conv_bn(image, self.conv1, self.bn1, 0.0))
+        x2 = _run_blocks(self.layer2, x1)
+        coarse = self.layer3_outconv(_run_blocks(self.layer3, x2))
+        # Top-down pathway. The largest maps are the 1/2-resolution ones: each map is passed on as the only
+        # reference to it (no local name), so it is freed as soon as it has been read and at most two are
+        # alive at a time (measured on CPython 3.11, which hands a call's arguments over to the callee).
+        finer_maps = [x1, x2]
+        del x1, x2
+        top_down = coarse
         wide = self.winograd_min_channels
-        x2_out = _outconv2(self.layer2_outconv2, _fpn_merge(self.layer2_outconv(x2), coarse), self.winograd, wide)
-        fine = _outconv2(self.layer1_outconv2, _fpn_merge(self.layer1_outconv(x1), x2_out), self.winograd, wide)
-        return coarse, fine
+        for lateral, block in ((self.layer2_outconv, self.layer2_outconv2), (self.layer1_outconv, self.layer1_outconv2)):
+            top_down = _outconv2(block, _fpn_merge(lateral(finer_maps.pop()), top_down), self.winograd, wide)
+        return coarse, top_down

@@ -24,7 +24,10 @@ every 3x3 layer against direct convolutions) and the coarse matching section use
 weights (real matches, their threshold).
 
 Memory: like the command-line tools, the benchmark (and its child processes) keeps freed memory for reuse
-(matcher/allocator.py), for ours and kornia alike; ``--system-malloc`` leaves glibc's defaults.
+(matcher/allocator.py), for ours and kornia alike; ``--system-malloc`` leaves glibc's defaults. The reused
+heap fragments, so its peak varies between identical runs (by up to 0.9 GB at 1600x1200); the memory section
+on CPU therefore also runs the pair with glibc's defaults, whose peak is the live tensors' (within 2% between
+runs).
 """
 
 from __future__ import annotations
@@ -887,6 +890,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         if mem.get("first_seconds") is not None:
             val += f" (second pair; the first, which compiles the GPU kernels, took {mem['first_seconds']:.1f} s)"
         lines += [f"## Peak memory, one {mem['hw'][1]}x{mem['hw'][0]} pair, quadtree_b_indoor", "", val, ""]
+        sm = mem.get("system_malloc", {})
+        if sm:
+            lines += [(f"With malloc's defaults (freed blocks above 32 MB unmapped at once, so the peak is the live "
+                       f"tensors'; reused freed memory fragments the heap and its peak varies between runs): "
+                       f"{sm['peak_mb'] / 1024:.2f} GB, {sm['seconds']:.1f} s, {sm['matches']} matches") if "peak_mb" in sm
+                      else f"With malloc's defaults: {sm.get('error', '')}", ""]
         bd = mem.get("bounded", {})
         if "peak_mb" in bd:
             lines += [f"With `coarse.max_coarsest_tokens: {bd['max_coarsest_tokens']}` (coarsest QuadTree level bounded): "
@@ -1006,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads,
                 "reuse_freed_memory": reuse_memory}
         results["memory"] = {"hw": list(hw), **run_child(spec)}
+        if reuse_memory and device == "cpu":  # the live tensors' peak: the reused heap's fragments vary between runs
+            results["memory"]["system_malloc"] = run_child({**spec, "reuse_freed_memory": False})
         # the same pair with the coarsest QuadTree level bounded (levels added)
         bound = 20 if quick else MEMORY_BOUND  # quick: 320x240, coarsest 8 x 10 with 3 levels
         results["memory"]["bounded"] = {"max_coarsest_tokens": bound, **run_child({**spec, "max_coarsest_tokens": bound})}

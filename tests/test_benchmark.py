@@ -255,6 +255,7 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert min(bounded["matches"].values()) > 0 and 0.0 <= bounded["kept_within_1px"] <= 1.0
     assert results["memory"].get("peak_mb", 0) > 0, results["memory"]
     assert results["memory"]["bounded"].get("peak_mb", 0) > 0 and results["memory"]["bounded"]["max_coarsest_tokens"] == 20
+    assert results["memory"]["system_malloc"].get("matches") == results["memory"]["matches"]  # same pair, malloc's defaults
     flops = {r["stage"]: r["gflop"] for r in results["flops"]["rows"]}
     assert flops["backbone"] > flops["loftr_coarse"] > 0
     assert math.isclose(sum(flops.values()), results["flops"]["total_gflop"], rel_tol=1e-6)
@@ -268,6 +269,7 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert "QuadTree-B FLOPs grow" in md and "from 64 to 256 tokens" in md
     assert "`coarse.max_coarsest_tokens: 4`" in md and "| 1024 | 5 |" in md
     assert "Coarsest QuadTree level bounded to 12 tokens" in md
+    assert "With malloc's defaults (freed blocks above 32 MB unmapped at once" in md
     # the quick sizes are not the targets': no attention ratio is reported as if measured at 19,200 tokens
     assert results["ratios"]["attention_speedup_19200"] is None and results["ratios"]["quadtree_time_growth_1"] is None
     assert "| met |" not in md and "| not met |" not in md and "n/a (quick)" in md

@@ -119,7 +119,11 @@ net = ResNetFPN(128, [128, 196, 256], winograd=True).eval()
 with torch.inference_mode():
     net(torch.rand(2, 1, 64, 64))  # kernels and their code paged in before the measurement
     image = torch.rand(2, 1, 480, 640)
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current resident size
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current resident size
+    except OSError as error:
+        print(json.dumps({"skip": f"cannot reset the peak resident size: {error}"}))
+        raise SystemExit(0)
     start = status_mb("VmRSS")
     coarse, fine = net(image)
 print(json.dumps({"peak_mb": status_mb("VmHWM") - start, "fine_mb": fine.numel() * 4 / 2**20}))
@@ -132,8 +136,10 @@ def test_eval_forward_keeps_few_half_resolution_maps_alive():
     resident size follows the live tensors), in units of the output fine map (128 channels at 1/2
     resolution). Alive at once: a block's input, middle and output maps in layer 1 (3 units), or two
     196-channel maps in the top-down pathway (3.1 units), plus smaller maps and buffers: 4.3-4.6 units on
-    the reference machine. Holding each layer's input until its last block returned, the whole upsampled
+    an AMD EPYC Zen 1. Holding each layer's input until its last block returned, the whole upsampled
     map and the layer-1 output to the end, as before, peaked at 7.1-7.3 units."""
     out = subprocess.run([sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True, check=True, timeout=300)
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
     assert result["peak_mb"] < 5.5 * result["fine_mb"], result

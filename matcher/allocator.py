@@ -9,11 +9,11 @@ of 5.05 s), the first 1600x1200 pair 32 instead of 39 s, and the backbone on lat
 instead of 11 s.
 
 The price: the heap fragments and stays at its peak size. A 1600x1200 pair peaked at 4.0 instead of 3.1 GB
-in that comparison; on an AMD EPYC Zen 1 since the backbone frees its maps early, 2.43-2.91 GB against
-1.72-1.77 GB with malloc's defaults. The peak with reuse also varies between identical runs in fresh
-processes (the fragmentation depends on the order of allocations), by up to 0.9 GB in seven runs before. The setting is
-process-wide, so the library never applies it on its own: the command-line tools (demo, match_pairs,
-evaluation, benchmark) call :func:`reuse_freed_memory` at start-up, and a Python user may call it once.
+in that comparison; on an AMD EPYC Zen 1, since the backbone frees its maps early, at 2.43-2.91 GB against
+1.72-1.77 GB with malloc's defaults. With reuse the peak also varies between identical runs in fresh
+processes, as the fragmentation depends on the order of allocations (by up to 0.9 GB in seven runs before
+the backbone change). The setting is process-wide, so the library never applies it on its own: the
+command-line tools (demo, match_pairs, evaluation, benchmark) call :func:`reuse_freed_memory` at start-up, and a Python user may call it once.
 """
 
 from __future__ import annotations

@@ -110,7 +110,10 @@ def _fpn_merge(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     one; cropping keeps cell i of the finer map reading the coarser map as the published weights expect.
     """
     h, w = fine.shape[2:]
-    upsample = lambda x: F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)[..., :h, :w]  # noqa: E731
+
+    def upsample(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)[..., :h, :w]
+
     if torch.is_grad_enabled() or is_tracing() or torch.result_type(fine, coarse) != fine.dtype:
         return fine + upsample(coarse)
     step = max(1, MERGE_CHUNK_BYTES // (fine[:, :1].numel() * fine.element_size()))
@@ -192,6 +195,7 @@ class ResNetFPN(nn.Module):
         del x1, x2
         top_down = coarse
         wide = self.winograd_min_channels
-        for lateral, block in ((self.layer2_outconv, self.layer2_outconv2), (self.layer1_outconv, self.layer1_outconv2)):
+        levels = ((self.layer2_outconv, self.layer2_outconv2), (self.layer1_outconv, self.layer1_outconv2))
+        for lateral, block in levels:
             top_down = _outconv2(block, _fpn_merge(lateral(finer_maps.pop()), top_down), self.winograd, wide)
         return coarse, top_down

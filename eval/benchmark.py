@@ -803,6 +803,13 @@ def ratios_of(results: dict[str, Any]) -> dict[str, float | None]:
     return r
 
 
+def _memory_run_line(label: str, run: dict[str, Any]) -> str:
+    """``label: peak, time, matches`` of one extra child run of the memory section, or ``label: error``."""
+    if "peak_mb" not in run:
+        return f"{label}: {run.get('error', '')}"
+    return f"{label}: {run['peak_mb'] / 1024:.2f} GB above the loaded model, {run['seconds']:.1f} s, {run['matches']} matches"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"# Benchmark ({'quick' if results['quick'] else 'full'})", "",
@@ -890,18 +897,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         if mem.get("first_seconds") is not None:
             val += f" (second pair; the first, which compiles the GPU kernels, took {mem['first_seconds']:.1f} s)"
         lines += [f"## Peak memory, one {mem['hw'][1]}x{mem['hw'][0]} pair, quadtree_b_indoor", "", val, ""]
-        sm = mem.get("system_malloc", {})
-        if sm:
-            lines += [(f"With malloc's defaults (freed blocks above 32 MB unmapped at once, so the peak is the live "
-                       f"tensors'; reused freed memory fragments the heap and its peak varies between runs): "
-                       f"{sm['peak_mb'] / 1024:.2f} GB, {sm['seconds']:.1f} s, {sm['matches']} matches") if "peak_mb" in sm
-                      else f"With malloc's defaults: {sm.get('error', '')}", ""]
-        bd = mem.get("bounded", {})
-        if "peak_mb" in bd:
-            lines += [f"With `coarse.max_coarsest_tokens: {bd['max_coarsest_tokens']}` (coarsest QuadTree level bounded): "
-                      f"{bd['peak_mb'] / 1024:.2f} GB above the loaded model, {bd['seconds']:.1f} s, {bd['matches']} matches", ""]
-        elif bd:
-            lines += [f"With `coarse.max_coarsest_tokens: {bd['max_coarsest_tokens']}`: {bd.get('error', '')}", ""]
+        if sm := mem.get("system_malloc"):
+            lines += [_memory_run_line("With malloc's defaults (freed blocks above 32 MB unmapped at once, so the peak is "
+                                       "the live tensors'; reused freed memory fragments the heap and its peak varies "
+                                       "between runs)", sm), ""]
+        if bd := mem.get("bounded"):
+            lines += [_memory_run_line(f"With `coarse.max_coarsest_tokens: {bd['max_coarsest_tokens']}` (coarsest QuadTree "
+                                       "level bounded)", bd), ""]
     for f in (results[k] for k in ("flops", "flops_default") if k in results):
         precision = " (backbone + coarse transformer in bf16: the default here)" if f.get("feature_dtype") == "bfloat16" else ""
         lines += [f"## FLOPs per stage, quadtree_b_indoor{precision}, {f['hw'][1]}x{f['hw'][0]} ({f['total_gflop']:.1f} GFLOP, "

@@ -13,7 +13,8 @@ in that comparison; on an AMD EPYC Zen 1, since the backbone frees its maps earl
 1.72-1.77 GB with malloc's defaults. With reuse the peak also varies between identical runs in fresh
 processes, as the fragmentation depends on the order of allocations (by up to 0.9 GB in seven runs before
 the backbone change). The setting is process-wide, so the library never applies it on its own: the
-command-line tools (demo, match_pairs, evaluation, benchmark) call :func:`reuse_freed_memory` at start-up, and a Python user may call it once.
+command-line tools (demo, match_pairs, evaluation, benchmark) call :func:`reuse_freed_memory` at start-up,
+and a Python user may call it once.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import is_tracing
+from .chunking import chunk_slices, is_tracing
 from .winograd import activate_, conv3x3_winograd, pays_off
 
 
@@ -117,8 +117,8 @@ def _fpn_merge(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or is_tracing() or torch.result_type(fine, coarse) != fine.dtype:
         return fine + upsample(coarse)
     step = max(1, MERGE_CHUNK_BYTES // (fine[:, :1].numel() * fine.element_size()))
-    for c in range(0, fine.shape[1], step):
-        fine[:, c : c + step].add_(upsample(coarse[:, c : c + step]))
+    for part in chunk_slices(fine.shape[1], step):
+        fine[:, part].add_(upsample(coarse[:, part]))
     return fine
 
 

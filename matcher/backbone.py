@@ -130,9 +130,19 @@ def _outconv2(block: nn.Sequential, x: torch.Tensor, winograd: bool, min_channel
     return _conv(x, conv_b, winograd, min_channels)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks: its own or global module hooks."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return any(own) or bool(nn.modules.module._has_any_global_hook())
+
+
 def _run_blocks(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, calling the blocks one by one: ``nn.Module.__call__`` on the whole layer would keep its
-    input alive until the last block returns (at 1/2 resolution, one more full-size map at the peak)."""
+    """``layer(x)``. Without autograd, calling the blocks one by one: ``nn.Module.__call__`` on the whole layer
+    would keep its input alive until the last block returns (at 1/2 resolution, one more full-size map at the
+    peak). The layer is called as a module where that saves nothing (autograd keeps the input anyway) or
+    where hooks must see the call."""
+    if torch.is_grad_enabled() or _has_hooks(layer):
+        return layer(x)
     for block in layer:
         x = block(x)
     return x

@@ -66,6 +66,30 @@ def test_eval_fast_path_equals_plain_modules():
     assert fast[0].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_hooks_on_the_layers_see_their_calls():
+    """The eval path calls the layers' blocks one by one to free memory early, except where the layer has hooks:
+    those fire with the layer's input and output, and the result is the same."""
+    net = _random_backbone().eval().double()
+    image = torch.rand(2, 1, 37, 52, dtype=torch.float64)
+    with torch.no_grad():
+        expected = net(image)
+        seen = {}
+        handles = [
+            getattr(net, name).register_forward_hook(lambda m, a, out, name=name: seen.update({name: (a[0].shape, out.shape)}))
+            for name in ("layer1", "layer2", "layer3")
+        ]
+        hooked = net(image)
+    for h in handles:
+        h.remove()
+    assert seen == {
+        "layer1": ((2, 8, 19, 26), (2, 8, 19, 26)),
+        "layer2": ((2, 8, 19, 26), (2, 12, 10, 13)),
+        "layer3": ((2, 12, 10, 13), (2, 16, 5, 7)),
+    }
+    for a, b in zip(hooked, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_training_mode_uses_batch_statistics_and_gradients_flow():
     net = _random_backbone(1).train()
     image = torch.rand(2, 1, 32, 32)

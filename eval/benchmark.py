@@ -575,6 +575,10 @@ def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) ->
 
 
 # ----------------------------------------------------------------------------------------------- Winograd
+#: The ways of transforming the tiles that the Winograd section times (:data:`matcher.winograd.TRANSFORMS`).
+WINOGRAD_TRANSFORMS = ("arrays", "matmul")
+
+
 def winograd_break_even(rows: list[dict[str, Any]]) -> int | None:
     """The smallest width from which Winograd was faster at every width measured (``rows``: ``channels`` and
     ``ratio`` = Winograd / direct time, any order), or None if it lost at the widest."""
@@ -589,25 +593,26 @@ def winograd_break_even(rows: list[dict[str, Any]]) -> int | None:
 
 def section_winograd(widths: list[int], hw: tuple[int, int], repeats: int) -> dict:
     """CPU, float32: one 3x3 convolution (C -> C channels, bias and ReLU, batch 2, channels-last) as
-    Winograd F(4x4, 3x3) and as oneDNN's direct convolution, interleaved, per width; where Winograd starts to
+    Winograd F(4x4, 3x3) with each way of transforming the tiles (:data:`matcher.winograd.TRANSFORMS`) and as
+    oneDNN's direct convolution, interleaved, per width; where Winograd with this CPU's transforms starts to
     win here, beside the threshold the backbone uses on this CPU (:func:`matcher.winograd.default_min_channels`)."""
     import torch.nn.functional as F
 
     from matcher import winograd
 
+    here = winograd.default_transforms()
     rows = []
     for c in widths:
         g = torch.Generator().manual_seed(c)
         x = torch.randn(2, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)
         weight, bias = torch.randn(c, c, 3, 3, generator=g) * 0.05, torch.randn(c, generator=g)
         direct_weight = weight.contiguous(memory_format=torch.channels_last)
-        seconds = median_times({
-            "winograd": lambda: winograd.conv3x3_winograd(x, weight, bias, 0.0),
-            "direct": lambda: F.relu(F.conv2d(x, direct_weight, bias, padding=1), inplace=True),
-        }, repeats, "cpu")
-        rows.append({"channels": c, "winograd_s": seconds["winograd"], "direct_s": seconds["direct"],
-                     "ratio": seconds["winograd"] / seconds["direct"]})
-    return {"hw": list(hw), "rows": rows, "break_even": winograd_break_even(rows),
+        runs = {t: functools.partial(winograd.conv3x3_winograd, x, weight, bias, 0.0, t) for t in WINOGRAD_TRANSFORMS}
+        runs["direct"] = lambda: F.relu(F.conv2d(x, direct_weight, bias, padding=1), inplace=True)
+        seconds = median_times(runs, repeats, "cpu")
+        rows.append({"channels": c, "seconds": seconds, "winograd_s": seconds[here], "direct_s": seconds["direct"],
+                     "ratio": seconds[here] / seconds["direct"]})
+    return {"hw": list(hw), "rows": rows, "break_even": winograd_break_even(rows), "transforms_here": here,
             "threshold_here": winograd.default_min_channels(), "cpu_class": winograd.this_cpu_class()}
 
 
@@ -924,10 +929,14 @@ def render_markdown(results: dict[str, Any]) -> str:
         w = results["winograd"]
         even = "at no width measured" if w["break_even"] is None else f"from {w['break_even']} channels"
         lines += [f"## Winograd vs direct convolution (one 3x3 layer, C -> C, batch 2, {w['hw'][1]}x{w['hw'][0]}, float32)", "",
-                  "| channels | Winograd s | direct s | Winograd / direct |", "|---:|---:|---:|---:|"]
-        lines += [f"| {r['channels']} | {r['winograd_s']:.4f} | {r['direct_s']:.4f} | {r['ratio']:.2f} |" for r in w["rows"]]
-        lines += ["", f"Winograd wins here {even}; the backbone takes it from {w['threshold_here']} channels on this CPU "
-                  f"(class {w['cpu_class']}, `matcher.winograd.MIN_CHANNELS`).", ""]
+                  "| channels | " + " | ".join(f"Winograd, {t} transforms s" for t in WINOGRAD_TRANSFORMS)
+                  + f" | direct s | Winograd ({w['transforms_here']}) / direct |",
+                  "|---:|" + "---:|" * (len(WINOGRAD_TRANSFORMS) + 2)]
+        lines += [f"| {r['channels']} | " + " | ".join(f"{r['seconds'][t]:.4f}" for t in WINOGRAD_TRANSFORMS)
+                  + f" | {r['direct_s']:.4f} | {r['ratio']:.2f} |" for r in w["rows"]]
+        lines += ["", f"Winograd with this CPU's transforms ({w['transforms_here']}) wins here {even}; the backbone takes it "
+                  f"from {w['threshold_here']} channels on this CPU (class {w['cpu_class']}, `matcher.winograd.MIN_CHANNELS` "
+                  "and `TRANSFORMS`).", ""]
     if "profile" in results:
         lines += render_profile(results["profile"], results["machine"]["device"])
     lines += ["## Targets", ""]

@@ -4,9 +4,9 @@ A 3x3, stride-1 convolution computes each 4x4 output tile from a 6x6 input tile.
 filtering algorithm does it with 36 multiplications per (input, output) channel pair instead of 144: the
 input tile and the filter are transformed (``B^T d B``, ``G g G^T``), multiplied elementwise, which over
 channels becomes 36 independent matrix products, and transformed back (``A^T m A``). The matrix products
-hold 1/4 of the direct convolution's arithmetic; the transforms are small matrix products too, so the whole
-convolution runs on the BLAS. On a 2-core AVX-512 CPU this is 1.4-1.9x faster than oneDNN's direct
-convolution for the backbone's layers.
+hold 1/4 of the direct convolution's arithmetic and run on the BLAS; the tile transforms cost a few operations
+per value and run as whole-array additions over strided views, vectorised over the channels. On a 2-core
+AVX-512 CPU this is 1.4-1.9x faster than oneDNN's direct convolution for the backbone's layers.
 
 Rounding: the transforms multiply by up to 8 and divide by 24, so float32 results differ from the direct
 convolution by about 1e-5 of the output's range (direct: 1e-6); the matcher's agreement with the direct
@@ -47,13 +47,25 @@ _FILTER_TRANSFORM = torch.kron(_G, _G)  # (36, 9)
 #: mean of a convolution's input and output channels: its transforms cost about C per pixel, its products
 #: 2.25 C^2 (direct: 9 C^2), so it pays off from some width on, the earlier the slower the CPU's arithmetic is
 #: against its memory. Measured on 2 cores, batch 2 at 120x160 and 240x320: AVX2 (AMD EPYC Zen 3) 64-128
-#: channels 1.1-1.6x slower than direct, 160 even, 196-256 1.1-1.3x faster; AVX2 on 128-bit units (AMD EPYC
-#: Zen 1, half Zen 3's FMA rate) 64 channels 1.1-1.2x slower, 96-256 1.1-2.1x faster; AVX-512 (Intel Xeon)
-#: 128-256 channels 1.3-1.9x faster (narrower layers not measured there: kept on).
-MIN_CHANNELS = {"AVX512": 0, "AVX2_128BIT": 80}
+#: channels 1.1-1.6x slower than direct, 160 even, 196-256 1.1-1.3x faster; AVX-512 (Intel Xeon) 128-256
+#: channels 1.3-1.9x faster (narrower layers not measured there: kept on); both with ``"matmul"`` transforms
+#: (:data:`TRANSFORMS`). AVX2 on 128-bit units (AMD EPYC Zen 1, half Zen 3's FMA rate), with ``"arrays"``
+#: transforms: 64 channels 1.05-1.15x faster, 96-256 1.4-2x (with ``"matmul"`` 64 channels were 1.2-1.3x slower).
+MIN_CHANNELS = {"AVX512": 0, "AVX2_128BIT": 0}
 
 #: The same for other CPUs (AVX2, ARM, ...): the AVX2 break-even.
 DEFAULT_MIN_CHANNELS = 160
+
+#: How the tile transforms run, by :func:`cpu_class`: ``"arrays"``, a few whole-array additions per 1-D pass
+#: over strided views of the chunk (bound by the caches' bandwidth), or ``"matmul"``, one product with the
+#: Kronecker matrix per chunk after a copy of the overlapping tiles (bound by the FMA rate: 36 multiply-adds
+#: per value). On 2 cores of an AMD EPYC Zen 1, 128 channels at 240x320: the transforms 1.5-1.9x faster as
+#: arrays, the layer 1.2x. The other classes' thresholds were measured with ``"matmul"``, which they keep
+#: until ``eval/benchmark.py --sections winograd`` (which times both) has been run on them.
+TRANSFORMS = {"AVX2_128BIT": "arrays"}
+
+#: The same for other CPUs.
+DEFAULT_TRANSFORMS = "matmul"
 
 #: ``(vendor, family)`` -> the first model of that family with full-width (256-bit) vector units; the models
 #: below it run 256-bit AVX instructions as two 128-bit halves: AMD Zen / Zen+ (family 0x17 below Zen 2's
@@ -101,6 +113,12 @@ def default_min_channels() -> int:
     return MIN_CHANNELS.get(this_cpu_class(), DEFAULT_MIN_CHANNELS)
 
 
+@functools.lru_cache(maxsize=1)
+def default_transforms() -> str:
+    """:data:`TRANSFORMS` of this CPU (:func:`this_cpu_class`)."""
+    return TRANSFORMS.get(this_cpu_class(), DEFAULT_TRANSFORMS)
+
+
 def pays_off(c_in: int, c_out: int, min_channels: int | None = None) -> bool:
     """Whether a ``c_in -> c_out`` 3x3 convolution is wide enough for Winograd: ``sqrt(c_in * c_out) >=
     min_channels`` (None: :func:`default_min_channels`; 0: always)."""
@@ -141,7 +159,8 @@ def _tile_chunks(tile_rows: int, tile_cols: int, bytes_per_tile: int) -> list[tu
 
 
 def conv3x3_winograd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, negative_slope: float | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, negative_slope: float | None = None,
+    transforms: str | None = None,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` (stride 1), optionally followed by a (leaky) ReLU.
 
@@ -149,6 +168,8 @@ def conv3x3_winograd(
         x: ``(N, C_in, H, W)`` float, any memory format (channels-last is read without a copy).
         weight: ``(C_out, C_in, 3, 3)``; bias: ``(C_out,)`` or None.
         negative_slope: None for no activation, 0 for ReLU, else the LeakyReLU slope.
+        transforms: ``"arrays"`` or ``"matmul"`` (see :data:`TRANSFORMS`; same results up to rounding);
+            None: this CPU's, :func:`default_transforms`.
     Returns:
         ``(N, C_out, H, W)`` in channels-last memory format.
     """
@@ -156,23 +177,22 @@ def conv3x3_winograd(
     c_out = weight.shape[0]
     if weight.shape[1:] != (c_in, 3, 3):
         raise ValueError(f"expected a (C_out, {c_in}, 3, 3) weight, got {tuple(weight.shape)}")
+    transforms = default_transforms() if transforms is None else transforms
+    if transforms not in _TRANSFORM_FUNCTIONS:
+        raise ValueError(f"transforms must be one of {sorted(_TRANSFORM_FUNCTIONS)} or None, got {transforms!r}")
+    input_transform, output_transform = _TRANSFORM_FUNCTIONS[transforms]
     u = winograd_weight(weight)
-    input_transform, output_transform = _INPUT_TRANSFORM.to(x), _OUTPUT_TRANSFORM.to(x)
     tile_rows, tile_cols = -(-h // 4), -(-w // 4)
     out = x.new_empty(n, 4 * tile_rows, 4 * tile_cols, c_out)
     pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last input
     for r0, r1, c0, c1 in _tile_chunks(tile_rows, tile_cols, 36 * max(c_in, c_out) * x.element_size()):
         for image in range(n):
-            tiles = _input_tiles(pixels[image], r0, r1, c0, c1)  # (6, 6, r, c, C_in)
-            v = (input_transform @ tiles.reshape(36, -1)).view(36, -1, c_in)
-            m = torch.bmm(v, u)  # (36, tiles, C_out)
-            y = (output_transform @ m.view(36, -1)).view(4, 4, r1 - r0, c1 - c0, c_out)
+            v = input_transform(pixels[image], r0, r1, c0, c1)  # (6, 6, r, c, C_in)
+            m = torch.bmm(v.view(36, -1, c_in), u).view(6, 6, r1 - r0, c1 - c0, c_out)
+            if bias is not None:
+                m[1, 1].add_(bias)  # A^T's second column is all ones: this adds the bias to every output pixel
             target = out[image, 4 * r0 : 4 * r1, 4 * c0 : 4 * c1].view(r1 - r0, 4, c1 - c0, 4, c_out)
-            y = y.permute(2, 0, 3, 1, 4)  # tile row, row in tile, tile column, column in tile
-            if bias is None:
-                target.copy_(y)
-            else:
-                torch.add(y, bias, out=target)
+            output_transform(m, target.permute(1, 3, 0, 2, 4))  # (row in tile, column in tile, tile row, ...)
             activate_(target, negative_slope)
     out = out.permute(0, 3, 1, 2)
     if out.shape[2:] != (h, w):
@@ -180,13 +200,92 @@ def conv3x3_winograd(
     return out
 
 
+# "arrays": the transforms as a few whole-array operations on strided views of the chunk, one 1-D pass over
+# the tile rows and one over the tile columns, using the matrices' structure (22 and 18 of their 36 and 24
+# entries are non-zero, with shared sums): 12 and 11 array operations per pass, each over C contiguous channels.
+
+
+def _bt_pass(d: list[torch.Tensor], o: list[torch.Tensor]) -> None:
+    """``o[i] = sum_j B^T[i, j] d[j]`` for the six inputs ``d`` and six outputs ``o`` (equal shapes; ``o`` may
+    be strided views of a larger tensor), with no temporaries."""
+    torch.add(d[4], d[2], alpha=-5, out=o[0]).add_(d[0], alpha=4)  # 4 d0 - 5 d2 + d4
+    torch.add(d[4], d[2], alpha=-4, out=o[1])  # a = d4 - 4 d2
+    torch.add(d[3], d[1], alpha=-4, out=o[2])  # b = d3 - 4 d1
+    o[1].add_(o[2])  # a + b
+    torch.add(o[1], o[2], alpha=-2, out=o[2])  # a - b
+    torch.sub(d[4], d[2], out=o[3])  # c = d4 - d2
+    torch.sub(d[3], d[1], out=o[4])  # e = d3 - d1
+    o[3].add_(o[4], alpha=2)  # c + 2 e
+    torch.add(o[3], o[4], alpha=-4, out=o[4])  # c - 2 e
+    torch.add(d[5], d[3], alpha=-5, out=o[5]).add_(d[1], alpha=4)  # 4 d1 - 5 d3 + d5
+
+
+def _at_pass(m: list[torch.Tensor], y: list[torch.Tensor]) -> None:
+    """``y[i] = sum_j A^T[i, j] m[j]`` for the six inputs ``m`` and four outputs ``y``, with no temporaries."""
+    torch.add(m[1], m[2], out=y[0])  # s = m1 + m2
+    torch.add(m[3], m[4], out=y[2])  # t = m3 + m4
+    torch.sub(m[1], m[2], out=y[1])  # p = m1 - m2
+    torch.sub(m[3], m[4], out=y[3])  # q = m3 - m4
+    y[1].add_(y[3], alpha=2)  # p + 2 q
+    torch.add(y[1], y[3], alpha=6, out=y[3]).add_(m[5])  # p + 8 q + m5
+    y[0].add_(y[2])  # s + t
+    torch.add(y[0], y[2], alpha=3, out=y[2])  # s + 4 t
+    y[0].add_(m[0])  # m0 + s + t
+
+
+def _transformed_tiles(pixels: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """``B^T d B`` of the overlapping 6x6 input tiles ``d`` of tile rows ``r0:r1`` and columns ``c0:c1`` of one
+    ``(H, W, C)`` image, zero outside it: ``(6, 6, r1 - r0, c1 - c0, C)``, contiguous."""
+    rows, cols, c = r1 - r0, c1 - c0, pixels.shape[2]
+    seg = _padded_segment(pixels, r0, r1, c0, c1)
+    by_rows = seg.new_empty(6, rows, 4 * cols + 2, c)  # B^T over each tile's rows
+    _bt_pass([seg[j : j + 4 * rows - 3 : 4] for j in range(6)], list(by_rows))
+    tiles = seg.new_empty(6, 6, rows, cols, c)  # ... then over its columns
+    _bt_pass([by_rows[:, :, j : j + 4 * cols - 3 : 4] for j in range(6)], [tiles[:, k] for k in range(6)])
+    return tiles
+
+
+def _output_transform(m: torch.Tensor, target: torch.Tensor) -> None:
+    """``A^T m A`` of the ``(6, 6, ...)`` products ``m`` written into ``target``, ``(4, 4, ...)`` (row and
+    column in the output tile first; a strided view of the output map)."""
+    by_rows = m.new_empty(4, *m.shape[1:])
+    _at_pass(list(m), list(by_rows))
+    _at_pass([by_rows[:, k] for k in range(6)], [target[:, j] for j in range(4)])
+
+
+# "matmul": each transform as one product with its Kronecker matrix.
+
+
+def _transformed_tiles_matmul(pixels: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """:func:`_transformed_tiles` as one ``(36, 36)`` matrix product over a copy of the overlapping tiles."""
+    tiles = _input_tiles(pixels, r0, r1, c0, c1)
+    return (_INPUT_TRANSFORM.to(tiles) @ tiles.reshape(36, -1)).view(tiles.shape)
+
+
+def _output_transform_matmul(m: torch.Tensor, target: torch.Tensor) -> None:
+    """:func:`_output_transform` as one ``(16, 36)`` matrix product and a copy into ``target``."""
+    target.copy_((_OUTPUT_TRANSFORM.to(m) @ m.reshape(36, -1)).view(target.shape))
+
+
 def _input_tiles(pixels: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
     """The overlapping 6x6 input tiles of tile rows ``r0:r1`` and columns ``c0:c1`` of one ``(H, W, C)``
     image, zero outside it: ``(6, 6, r1 - r0, c1 - c0, C)``, a strided view of one padded copy."""
-    h, w, c = pixels.shape
-    top, bottom, left, right = 4 * r0 - 1, 4 * r1 + 1, 4 * c0 - 1, 4 * c1 + 1  # input rows / cols read
-    seg = pixels[max(top, 0) : min(bottom, h), max(left, 0) : min(right, w)]
-    seg = F.pad(seg, (0, 0, max(0, -left), right - min(right, w), max(0, -top), bottom - min(bottom, h)))
+    seg = _padded_segment(pixels, r0, r1, c0, c1)
     s_row, s_col, s_chan = seg.stride()
-    shape = (6, 6, r1 - r0, c1 - c0, c)
-    return seg.as_strided(shape, (s_row, s_col, 4 * s_row, 4 * s_col, s_chan))
+    return seg.as_strided((6, 6, r1 - r0, c1 - c0, seg.shape[2]), (s_row, s_col, 4 * s_row, 4 * s_col, s_chan))
+
+
+def _padded_segment(pixels: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """The input pixels that tile rows ``r0:r1`` and columns ``c0:c1`` of one ``(H, W, C)`` image read, with
+    zeros outside the image: ``(4 (r1 - r0) + 2, 4 (c1 - c0) + 2, C)``, contiguous."""
+    h, w, _ = pixels.shape
+    top, bottom, left, right = 4 * r0 - 1, 4 * r1 + 1, 4 * c0 - 1, 4 * c1 + 1
+    seg = pixels[max(top, 0) : min(bottom, h), max(left, 0) : min(right, w)]
+    return F.pad(seg, (0, 0, max(0, -left), right - min(right, w), max(0, -top), bottom - min(bottom, h)))
+
+
+#: ``transforms`` -> (input transform, output transform).
+_TRANSFORM_FUNCTIONS = {
+    "arrays": (_transformed_tiles, _output_transform),
+    "matmul": (_transformed_tiles_matmul, _output_transform_matmul),
+}

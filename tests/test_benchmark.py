@@ -139,10 +139,13 @@ def test_winograd_break_even_and_section(bench):
     assert [r["channels"] for r in out["rows"]] == [4, 8] and out["hw"] == [8, 12]
     assert all(r["winograd_s"] > 0 and r["direct_s"] > 0 and r["ratio"] == r["winograd_s"] / r["direct_s"] for r in out["rows"])
     assert out["threshold_here"] == winograd.default_min_channels() and out["cpu_class"] == winograd.this_cpu_class()
+    assert out["transforms_here"] == winograd.default_transforms()
+    for r in out["rows"]:  # both ways of transforming the tiles timed; the ratio is this CPU's
+        assert set(r["seconds"]) == {"arrays", "matmul", "direct"} and r["winograd_s"] == r["seconds"][out["transforms_here"]]
     md = bench.render_markdown({"quick": True, "machine": {"cpu": "x", "threads": 1, "device": "cpu", "torch": "t",
                                                            "cpu_capability": "c"},
                                 "matmul_gflops": {"fp32": 1.0}, "winograd": out, "ratios": {}})
-    assert "| 8 |" in md and "the backbone takes it from" in md
+    assert "| 8 |" in md and "the backbone takes it from" in md and "Winograd, arrays transforms s" in md
 
 
 def test_ratios_from_results(bench):

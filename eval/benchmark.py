@@ -3,7 +3,7 @@ matcher's restricted second pass against a full one, peak memory at 1600x1200, W
 convolution by width (CPU), FLOPs per stage and how close each stage runs to the machine's matrix-multiply
 rate, and a profile of one pair of each model (stage times and the costliest kernels or operators).
 
-    python eval/benchmark.py                       # CPU, all sections (12-22 minutes on 2 cores)
+    python eval/benchmark.py                       # CPU, all sections (12-22 minutes on 2 cores, 21 on a Zen 1)
     python eval/benchmark.py --quick               # tiny sizes, under a minute (used by the tests)
     python eval/benchmark.py --device cuda         # GPU: adds pairs/s and peak memory at 640x480 and 1152x1152,
                                                    # ours and kornia, fp32 and bf16 / fp16 autocast

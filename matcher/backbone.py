@@ -6,7 +6,7 @@ is one convolution plus one in-place activation instead of three passes over the
 CPU inference runs the 3x3 stride-1 convolutions (95% of the arithmetic) as Winograd F(4x4, 3x3)
 (:mod:`matcher.winograd`, float32 results within about 1e-5 of the direct convolution) where the layer is
 wide enough for it to be faster on this CPU (:func:`matcher.winograd.pays_off`: every layer on AVX-512,
-1.3-1.9x faster there; from 80 channels on AVX2 with 128-bit vector units, from 160 on other AVX2 CPUs).
+1.3-1.9x faster there, and on AVX2 with 128-bit vector units; from 160 channels on other AVX2 CPUs).
 Training runs the modules as they are (batch statistics). Parameter names are LoFTR's, so its checkpoints
 load unchanged.
 """

@@ -4,9 +4,10 @@ A 3x3, stride-1 convolution computes each 4x4 output tile from a 6x6 input tile.
 filtering algorithm does it with 36 multiplications per (input, output) channel pair instead of 144: the
 input tile and the filter are transformed (``B^T d B``, ``G g G^T``), multiplied elementwise, which over
 channels becomes 36 independent matrix products, and transformed back (``A^T m A``). The matrix products
-hold 1/4 of the direct convolution's arithmetic and run on the BLAS; the tile transforms cost a few operations
-per value and run as whole-array additions over strided views, vectorised over the channels. On a 2-core
-AVX-512 CPU this is 1.4-1.9x faster than oneDNN's direct convolution for the backbone's layers.
+hold 1/4 of the direct convolution's arithmetic and run on the BLAS; the tile transforms run either as
+products with Kronecker matrices too or as a few whole-array additions over strided views, whichever is faster
+on the CPU (:data:`TRANSFORMS`). On a 2-core AVX-512 CPU this is 1.4-1.9x faster than oneDNN's direct
+convolution for the backbone's layers, on an AMD EPYC Zen 1 1.05-1.9x.
 
 Rounding: the transforms multiply by up to 8 and divide by 24, so float32 results differ from the direct
 convolution by about 1e-5 of the output's range (direct: 1e-6); the matcher's agreement with the direct
@@ -59,8 +60,8 @@ DEFAULT_MIN_CHANNELS = 160
 #: How the tile transforms run, by :func:`cpu_class`: ``"arrays"``, a few whole-array additions per 1-D pass
 #: over strided views of the chunk (bound by the caches' bandwidth), or ``"matmul"``, one product with the
 #: Kronecker matrix per chunk after a copy of the overlapping tiles (bound by the FMA rate: 36 multiply-adds
-#: per value). On 2 cores of an AMD EPYC Zen 1, 128 channels at 240x320: the transforms 1.5-1.9x faster as
-#: arrays, the layer 1.2x. The other classes' thresholds were measured with ``"matmul"``, which they keep
+#: per value). On 2 cores of an AMD EPYC Zen 1, 128 channels at 240x320: as arrays the input transform 1.9x
+#: and the output transform 1.3x faster, the layer 1.2-1.4x. The other classes' thresholds were measured with ``"matmul"``, which they keep
 #: until ``eval/benchmark.py --sections winograd`` (which times both) has been run on them.
 TRANSFORMS = {"AVX2_128BIT": "arrays"}
 

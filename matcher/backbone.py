@@ -130,10 +130,15 @@ def _outconv2(block: nn.Sequential, x: torch.Tensor, winograd: bool, min_channel
     return _conv(x, conv_b, winograd, min_channels)
 
 
+#: torch's registries of global module hooks (``nn.modules.module``; read with a default, being private).
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs hooks: its own or global module hooks."""
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return any(own) or bool(nn.modules.module._has_any_global_hook())
+    return any(own) or any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
 
 
 def _run_blocks(layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,18 @@ def test_eval_forward_keeps_few_half_resolution_maps_alive():
     if "skip" in result:
         pytest.skip(result["skip"])
     assert result["peak_mb"] < 5.5 * result["fine_mb"], result
+
+
+def test_a_global_module_hook_sees_the_layers():
+    """Global module hooks (as FlopCounterMode's module tracker registers) see the layers' calls too."""
+    net = _random_backbone().eval().double()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: seen.append(m) if m in (net.layer1, net.layer2, net.layer3) else None
+    )
+    try:
+        with torch.no_grad():
+            net(torch.rand(1, 1, 16, 24, dtype=torch.float64))
+    finally:
+        handle.remove()
+    assert seen == [net.layer1, net.layer2, net.layer3]

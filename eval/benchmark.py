@@ -49,6 +49,7 @@ import torch
 from matcher.allocator import reuse_freed_memory
 from matcher.metrics import matches_kept
 from matcher.model import resolve_feature_dtype
+from matcher.winograd import TRANSFORM_CHOICES
 
 ASSETS = Path(__file__).resolve().parents[1] / "demo" / "assets"
 
@@ -576,7 +577,7 @@ def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) ->
 
 # ----------------------------------------------------------------------------------------------- Winograd
 #: The ways of transforming the tiles that the Winograd section times (:data:`matcher.winograd.TRANSFORMS`).
-WINOGRAD_TRANSFORMS = ("arrays", "matmul")
+WINOGRAD_TRANSFORMS = TRANSFORM_CHOICES
 
 
 def winograd_break_even(rows: list[dict[str, Any]]) -> int | None:

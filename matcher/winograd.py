@@ -290,3 +290,6 @@ _TRANSFORM_FUNCTIONS = {
     "arrays": (_transformed_tiles, _output_transform),
     "matmul": (_transformed_tiles_matmul, _output_transform_matmul),
 }
+
+#: The values ``conv3x3_winograd``'s ``transforms`` takes (besides None).
+TRANSFORM_CHOICES = tuple(_TRANSFORM_FUNCTIONS)

@@ -576,10 +576,6 @@ def section_matching(sizes: list[tuple[int, int]], device: str, repeats: int) ->
 
 
 # ----------------------------------------------------------------------------------------------- Winograd
-#: The ways of transforming the tiles that the Winograd section times (:data:`matcher.winograd.TRANSFORMS`).
-WINOGRAD_TRANSFORMS = TRANSFORM_CHOICES
-
-
 def winograd_break_even(rows: list[dict[str, Any]]) -> int | None:
     """The smallest width from which Winograd was faster at every width measured (``rows``: ``channels`` and
     ``ratio`` = Winograd / direct time, any order), or None if it lost at the widest."""
@@ -608,7 +604,7 @@ def section_winograd(widths: list[int], hw: tuple[int, int], repeats: int) -> di
         x = torch.randn(2, c, *hw, generator=g).contiguous(memory_format=torch.channels_last)
         weight, bias = torch.randn(c, c, 3, 3, generator=g) * 0.05, torch.randn(c, generator=g)
         direct_weight = weight.contiguous(memory_format=torch.channels_last)
-        runs = {t: functools.partial(winograd.conv3x3_winograd, x, weight, bias, 0.0, t) for t in WINOGRAD_TRANSFORMS}
+        runs = {t: functools.partial(winograd.conv3x3_winograd, x, weight, bias, 0.0, t) for t in TRANSFORM_CHOICES}
         runs["direct"] = lambda: F.relu(F.conv2d(x, direct_weight, bias, padding=1), inplace=True)
         seconds = median_times(runs, repeats, "cpu")
         rows.append({"channels": c, "seconds": seconds, "winograd_s": seconds[here], "direct_s": seconds["direct"],
@@ -930,10 +926,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         w = results["winograd"]
         even = "at no width measured" if w["break_even"] is None else f"from {w['break_even']} channels"
         lines += [f"## Winograd vs direct convolution (one 3x3 layer, C -> C, batch 2, {w['hw'][1]}x{w['hw'][0]}, float32)", "",
-                  "| channels | " + " | ".join(f"Winograd, {t} transforms s" for t in WINOGRAD_TRANSFORMS)
+                  "| channels | " + " | ".join(f"Winograd, {t} transforms s" for t in TRANSFORM_CHOICES)
                   + f" | direct s | Winograd ({w['transforms_here']}) / direct |",
-                  "|---:|" + "---:|" * (len(WINOGRAD_TRANSFORMS) + 2)]
-        lines += [f"| {r['channels']} | " + " | ".join(f"{r['seconds'][t]:.4f}" for t in WINOGRAD_TRANSFORMS)
+                  "|---:|" + "---:|" * (len(TRANSFORM_CHOICES) + 2)]
+        lines += [f"| {r['channels']} | " + " | ".join(f"{r['seconds'][t]:.4f}" for t in TRANSFORM_CHOICES)
                   + f" | {r['direct_s']:.4f} | {r['ratio']:.2f} |" for r in w["rows"]]
         lines += ["", f"Winograd with this CPU's transforms ({w['transforms_here']}) wins here {even}; the backbone takes it "
                   f"from {w['threshold_here']} channels on this CPU (class {w['cpu_class']}, `matcher.winograd.MIN_CHANNELS` "

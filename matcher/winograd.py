@@ -257,15 +257,23 @@ def _output_transform(m: torch.Tensor, target: torch.Tensor) -> None:
 # "matmul": each transform as one product with its Kronecker matrix.
 
 
+@functools.lru_cache(maxsize=8)
+def _kronecker(which: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:data:`_INPUT_TRANSFORM` (``which`` "input") or :data:`_OUTPUT_TRANSFORM` ("output") in ``dtype`` on
+    ``device``, converted once rather than per chunk."""
+    with torch.inference_mode(False):  # usable outside inference mode too
+        return (_INPUT_TRANSFORM if which == "input" else _OUTPUT_TRANSFORM).to(device, dtype)
+
+
 def _transformed_tiles_matmul(pixels: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
     """:func:`_transformed_tiles` as one ``(36, 36)`` matrix product over a copy of the overlapping tiles."""
     tiles = _input_tiles(pixels, r0, r1, c0, c1)
-    return (_INPUT_TRANSFORM.to(tiles) @ tiles.reshape(36, -1)).view(tiles.shape)
+    return (_kronecker("input", tiles.dtype, tiles.device) @ tiles.reshape(36, -1)).view(tiles.shape)
 
 
 def _output_transform_matmul(m: torch.Tensor, target: torch.Tensor) -> None:
     """:func:`_output_transform` as one ``(16, 36)`` matrix product and a copy into ``target``."""
-    target.copy_((_OUTPUT_TRANSFORM.to(m) @ m.reshape(36, -1)).view(target.shape))
+    target.copy_((_kronecker("output", m.dtype, m.device) @ m.reshape(36, -1)).view(target.shape))
 
 
 def _input_tiles(pixels: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:

@@ -229,6 +229,22 @@ def test_agreement_reference_is_float32_where_auto_picks_bf16(bench, monkeypatch
     assert out["fp32_matches"] > 0 and 0.0 <= out["bf16_features"]["kept_within_1px"] <= 1.0
 
 
+def resnetfpn_direct_flops(h: int, w: int, stem: int, dims: tuple[int, int, int]) -> int:
+    """FLOPs (2 per multiply-add, no bias) of ResNetFPN-8-2's convolutions as direct ones on one h x w image
+    (sides multiples of 8), by hand from LoFTR's architecture."""
+    d1, d2, d3 = dims
+    p1, p2, p3 = (h // 2) * (w // 2), (h // 4) * (w // 4), (h // 8) * (w // 8)
+    conv = lambda c_in, c_out, taps, pixels: 2 * c_in * c_out * taps * pixels  # noqa: E731
+    flops = conv(1, stem, 49, p1)  # 7x7 stride-2 stem
+    flops += conv(stem, d1, 9, p1) + 3 * conv(d1, d1, 9, p1)  # layer1: two blocks at 1/2
+    for c_in, c_out, p in ((d1, d2, p2), (d2, d3, p3)):  # layer2 / layer3: a strided block with a 1x1 projection
+        flops += conv(c_in, c_out, 9, p) + 3 * conv(c_out, c_out, 9, p) + conv(c_in, c_out, 1, p)
+    flops += conv(d3, d3, 1, p3)  # layer3_outconv
+    flops += conv(d2, d3, 1, p2) + conv(d3, d3, 9, p2) + conv(d3, d2, 9, p2)  # layer2_outconv, layer2_outconv2
+    flops += conv(d1, d2, 1, p1) + conv(d2, d2, 9, p1) + conv(d2, d1, 9, p1)  # layer1_outconv, layer1_outconv2
+    return flops
+
+
 def test_quick_run_writes_json_and_table(bench, tmp_path):
     sections = "e2e,agreement,attention,memory,flops"
     assert bench.main(["--quick", "--out", str(tmp_path), "--sections", sections]) == 0
@@ -265,11 +281,17 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     assert {r["reference_rate"] for r in results["flops"]["rows"]} == {"fp32"}  # no TF32 on CPU
     # every stage, 'other' included, timed within each run (medians of per-run splits: never 0 s or nan)
     assert all(r["seconds"] > 0 and math.isfinite(r["gflops"]) for r in results["flops"]["rows"])
+    nominal = {r["stage"]: r["gflop_direct_conv"] for r in results["flops"]["rows"]}
+    assert nominal["backbone"] * 1e9 == pytest.approx(2 * resnetfpn_direct_flops(96, 128, 128, (128, 196, 256)), rel=1e-9)
+    assert nominal["backbone"] > flops["backbone"]  # Winograd runs here (every layer on this CPU class, or the wide ones)
+    assert all(nominal[s] == flops[s] for s in nominal if s != "backbone")
+    assert math.isclose(sum(nominal.values()), results["flops"]["total_gflop_direct_conv"], rel_tol=1e-6)
     assert results["memory"]["first_seconds"] is None  # a warm-up pair only where kernels compile (CUDA)
     md = (tmp_path / "benchmark.md").read_text()
     assert "| target | value | bound | status |" in md and "## Attention layer" in md
     assert "with Winograd on every 3x3 layer)" in md
     assert "QuadTree-B FLOPs grow" in md and "from 64 to 256 tokens" in md
+    assert "| GFLOP as direct conv. | GFLOP/s as direct conv. |" in md
     assert "`coarse.max_coarsest_tokens: 4`" in md and "| 1024 | 5 |" in md
     assert "Coarsest QuadTree level bounded to 12 tokens" in md
     assert "With malloc's defaults (freed blocks above 32 MB unmapped at once" in md

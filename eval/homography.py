@@ -40,10 +40,12 @@ from matcher.evaluation import (
     matcher_names,
     numerics_protocol,
     open_caches,
+    open_pool,
     pairs_summary,
     run_pairs,
     size_summary,
     software_versions,
+    timing_protocol,
     write_results,
 )
 from matcher.data.homography import (  # the generator lives in the package; re-exported here (see __all__)
@@ -61,6 +63,7 @@ from matcher.metrics import (
     homography_corner_error,
     homography_match_accuracy,
 )
+from matcher.workers import WorkerDied
 
 __all__ = [
     "IMAGE_SUFFIXES", "generate_homography_pair", "list_images", "photometric_change", "random_homography",
@@ -165,7 +168,7 @@ def homography_protocol(args: argparse.Namespace, data_fingerprint: dict[str, An
         "corner error": "mean distance of image0's corners (0,0), (W-1,0), (W-1,H-1), (0,H-1) mapped by the estimate and by the truth, original image1 pixels; failure = infinity",
         "AUC": "area under the recall-vs-corner-error curve up to 3/5/10 px, divided by the threshold (same definition as the pose AUC), in percent",
         "accuracy": f"share of matches within {MATCH_ACCURACY_THR:g} px of the true homography's mapping, averaged over pairs (0 without matches), in percent",
-        "time": f"wall clock of matcher.match per pair on {args.device} (cached pairs keep the time measured when computed)",
+        "time": timing_protocol(args),
         "numerics": numerics_protocol(args),
         "software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
     }
@@ -224,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = matcher_names(args.matcher, not args.no_baselines)
     matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
     caches = open_caches(args.out, prefix, names, matchers, data_fingerprint, args.overwrite_cache)
+    pool = None
     try:
+        pool = open_pool(args, names)
         run = run_pairs(
             num_pairs,
             load,
@@ -234,9 +239,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             resize=args.resize,
             progress=not args.no_progress,
             description=prefix,
+            pool=pool,
         )
     finally:
         close_all(caches.values())
+        if pool is not None:
+            pool.close()
     rows = [summarize_homography(label, recs, len(run.skipped)) for label, recs in run.records.items()]
     title = f"Homography: {data_fingerprint['source']}"
     protocol = homography_protocol(args, data_fingerprint, run.image_sizes, listed)
@@ -272,3 +280,6 @@ if __name__ == "__main__":
     except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except WorkerDied as err:
+        print(f"error: {err}; the pairs finished before are cached, so a rerun resumes there", file=sys.stderr)
+        sys.exit(1)

@@ -46,10 +46,12 @@ from matcher.evaluation import (
     matcher_names,
     numerics_protocol,
     open_caches,
+    open_pool,
     pairs_summary,
     run_pairs,
     size_summary,
     software_versions,
+    timing_protocol,
     write_results,
 )
 from matcher.image_io import read_image_gray
@@ -61,6 +63,7 @@ from matcher.metrics import (
     pose_auc,
 )
 from matcher.validation import pair_pose_metrics
+from matcher.workers import WorkerDied
 
 #: Number of values on a line of a pairs-with-ground-truth file.
 PAIRS_LINE_VALUES = 2 + 2 + 9 + 9 + 16
@@ -321,7 +324,7 @@ def pose_protocol(
             f"share of matches with squared symmetric epipolar distance (normalised coordinates, true pose) "
             f"< {precision_threshold(args):g}, averaged over pairs (0 for a pair without matches), in percent"
         ),
-        "time": f"wall clock of matcher.match per pair on {args.device} (cached pairs keep the time measured when computed)",
+        "time": timing_protocol(args),
         "numerics": numerics_protocol(args),
         "software": ", ".join(f"{k} {v}" for k, v in software_versions().items()),
         **({"warning": warning} if (warning := opencv_pose_warning()) else {}),
@@ -370,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = matcher_names(args.matcher, not args.no_baselines)
     matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
     caches = open_caches(args.out, f"pose-{args.dataset}", names, matchers, data_fingerprint, args.overwrite_cache)
+    pool = None
     try:
+        pool = open_pool(args, names)
         run = run_pairs(
             num_pairs,
             lambda i: load_sample_pair(dataset, i),
@@ -380,9 +385,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             resize=args.resize,
             progress=not args.no_progress,
             description=f"pose/{args.dataset}",
+            pool=pool,
         )
     finally:
         close_all(caches.values())
+        if pool is not None:
+            pool.close()
     rows = [summarize_pose(label, recs, len(run.skipped)) for label, recs in run.records.items()]
     title = f"Relative pose: {args.dataset}"
     protocol = pose_protocol(args, data_fingerprint, run.image_sizes, len(dataset), dropped_pairs(dataset))
@@ -417,3 +425,6 @@ if __name__ == "__main__":
     except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except WorkerDied as err:
+        print(f"error: {err}; the pairs finished before are cached, so a rerun resumes there", file=sys.stderr)
+        sys.exit(1)

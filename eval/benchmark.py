@@ -483,6 +483,37 @@ def section_throughput(sizes: list[tuple[int, int]], device: str, repeats: int, 
     return result
 
 
+def section_workers(hw: tuple[int, int], pairs: int, workers: int, rounds: int) -> dict:
+    """CPU pairs per second of the shipped model (``default``, as ``eval/pose.py --matcher default`` builds it)
+    on ``pairs`` copies of one pair: one process with all of torch's threads against a
+    :class:`~matcher.workers.MatcherPool` of ``workers`` processes (``--workers``), started and warmed up
+    before the clock; ``rounds`` alternating rounds, medians."""
+    from matcher.evaluation import build_matchers, timed_match
+    from matcher.workers import MatcherPool
+
+    build = functools.partial(build_matchers, ["default"], "cpu", None, "float32")
+    matcher = build()["default"]
+    image0, image1 = (x[0, 0].numpy() for x in sample_pair(hw, "cpu"))
+    seconds: dict[str, list[float]] = {"one process": [], f"{workers} workers": []}
+    with MatcherPool(build, workers, reuse_memory=True) as pool:
+        warm = [pool.submit(timed_match, "default", image0, image1, None) for _ in range(2 * workers)]
+        matches = {len(MatcherPool.result(job)[0]["confidence"]) for job in warm}
+        matches.add(len(timed_match(matcher, image0, image1, None)[0]["confidence"]))
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(pairs):
+                timed_match(matcher, image0, image1, None)
+            seconds["one process"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for job in [pool.submit(timed_match, "default", image0, image1, None) for _ in range(pairs)]:
+                MatcherPool.result(job)
+            seconds[f"{workers} workers"].append(time.perf_counter() - start)
+    per_second = {k: pairs / statistics.median(v) for k, v in seconds.items()}
+    return {"hw": list(hw), "pairs": pairs, "workers": workers, "threads": torch.get_num_threads(),
+            "threads_per_worker": pool.threads, "pairs_per_second": per_second, "matches": sorted(matches),
+            "speedup": per_second[f"{workers} workers"] / per_second["one process"]}
+
+
 def kept_within_1px(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
     """Share of ``ref``'s matches that ``new`` (another run's model outputs) has within 1 px
     (:func:`matcher.metrics.matches_kept`)."""
@@ -931,6 +962,14 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", "GFLOP: the matrix products and convolutions run, as torch's FlopCounterMode counts them (Winograd's "
                   "products, and its tile transforms where they run as matrix products, not as additions); as direct conv.: with the backbone's convolutions "
                   "counted as direct ones, the model's nominal arithmetic.", ""]
+    if wk := results.get("workers"):
+        lines += [f"## Many pairs on the CPU: one process vs `--workers {wk['workers']}` ({wk['pairs']} pairs of "
+                  f"{wk['hw'][1]}x{wk['hw'][0]}, shipped model, float32)", "", "| configuration | threads | pairs/s |", "|:---|---:|---:|"]
+        for name, rate in wk["pairs_per_second"].items():
+            threads = wk["threads"] if name == "one process" else f"{wk['threads_per_worker']} per worker"
+            lines.append(f"| {name} | {threads} | {rate:.3f} |")
+        lines += ["", f"Worker processes: {wk['speedup']:.2f}x the pairs per second of one process (matches per pair: "
+                  f"{', '.join(map(str, wk['matches']))}; workers started and warmed up before the clock).", ""]
     if "gpu" in results:
         lines += ["## Pairs per second (autocast for bf16 / fp16)", "",
                   "| size | configuration | pairs/s | matches | peak MB |", "|:---|:---|---:|---:|---:|"]
@@ -983,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (a smoke run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--sections", default="e2e,agreement,attention,matching,memory,winograd,flops,gpu,profile", help="comma-separated subset")
+    p.add_argument("--sections", default="e2e,agreement,attention,matching,memory,winograd,workers,flops,gpu,profile", help="comma-separated subset")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 3, and 5 for the end-to-end and attention sections, whose ratios are targets; quick 1)")
     p.add_argument("--out", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
@@ -1059,6 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
         results["flops"] = section_flops(e2e_hw, device, repeats, rates)
         if resolve_feature_dtype("auto", device) == torch.bfloat16:  # the default here: its stages too
             results["flops_default"] = section_flops(e2e_hw, device, repeats, rates, "bfloat16")
+    if "workers" in sections and device == "cpu" and threads > 1:
+        print("many pairs: one process vs worker processes ...", flush=True)
+        results["workers"] = section_workers((96, 128) if quick else e2e_hw, 2 if quick else 8, 2, 1 if quick else 3)
     if "gpu" in sections and cuda:
         print("GPU throughput ...", flush=True)
         results["gpu"] = section_throughput(GPU_SIZES, device, max(repeats, 5), autocasts)

@@ -148,6 +148,18 @@ def test_winograd_break_even_and_section(bench):
     assert "| 8 |" in md and "the backbone takes it from" in md and "Winograd, arrays transforms s" in md
 
 
+def test_workers_section_times_one_process_against_worker_processes(bench):
+    out = bench.section_workers((96, 128), pairs=2, workers=2, rounds=1)
+    assert set(out["pairs_per_second"]) == {"one process", "2 workers"} and min(out["pairs_per_second"].values()) > 0
+    assert out["speedup"] == out["pairs_per_second"]["2 workers"] / out["pairs_per_second"]["one process"]
+    assert out["threads_per_worker"] == max(1, out["threads"] // 2) and min(out["matches"]) > 0
+    md = bench.render_markdown({"quick": True, "machine": {"cpu": "x", "threads": 2, "device": "cpu", "torch": "t",
+                                                           "cpu_capability": "c"},
+                                "matmul_gflops": {"fp32": 1.0}, "workers": out, "ratios": {}})
+    assert "## Many pairs on the CPU: one process vs `--workers 2` (2 pairs of 128x96" in md
+    assert f"| 2 workers | {out['threads_per_worker']} per worker |" in md and "the pairs per second of one process" in md
+
+
 def test_ratios_from_results(bench):
     results = {
         "e2e": {"time_ratio": 1.5},

@@ -472,7 +472,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--workers", type=positive_int_argument, default=1,
                         help="CPU: match in N worker processes, each with 1/N of the threads (more pairs per second "
-                        "where one pair does not keep the cores busy: 1.24-1.33x with 2 on 2 cores; each worker first loads "
+                        "where one pair does not keep the cores busy: 1.15-1.33x with 2 on 2 cores; each worker first loads "
                         "the model, so from a few dozen pairs); each pair's time is then measured inside its worker "
                         "(default 1: no workers)")
 

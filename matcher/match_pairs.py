@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
     p.add_argument("--workers", type=positive_int_argument, default=1,
                    help="CPU: match in N worker processes, each with 1/N of the threads (more pairs per second where "
-                   "one pair does not keep the cores busy: 1.24-1.33x with 2 on 2 cores; each worker first loads the model, so "
+                   "one pair does not keep the cores busy: 1.15-1.33x with 2 on 2 cores; each worker first loads the model, so "
                    "from a few dozen pairs; default 1: no workers)")
     args = p.parse_args(argv)
     if not args.merge_px > 0:

@@ -960,11 +960,12 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"{100 * r['share_of_matmul_rate']:.0f}% ({r.get('reference_rate', 'fp32')}) | "
                   f"{r.get('gflop_direct_conv', r['gflop']):.2f} | {r.get('gflops_direct_conv', r['gflops']):.1f} |" for r in f["rows"]]
         lines += ["", "GFLOP: the matrix products and convolutions run, as torch's FlopCounterMode counts them (Winograd's "
-                  "products, and its tile transforms where they run as matrix products, not as additions); as direct conv.: with the backbone's convolutions "
-                  "counted as direct ones, the model's nominal arithmetic.", ""]
+                  "products, and its tile transforms where they run as matrix products, not as additions); as direct "
+                  "conv.: with the backbone's convolutions counted as direct ones, the model's nominal arithmetic.", ""]
     if wk := results.get("workers"):
         lines += [f"## Many pairs on the CPU: one process vs `--workers {wk['workers']}` ({wk['pairs']} pairs of "
-                  f"{wk['hw'][1]}x{wk['hw'][0]}, shipped model, float32)", "", "| configuration | threads | pairs/s |", "|:---|---:|---:|"]
+                  f"{wk['hw'][1]}x{wk['hw'][0]}, shipped model, float32)", "", "| configuration | threads | pairs/s |",
+                  "|:---|---:|---:|"]
         for name, rate in wk["pairs_per_second"].items():
             threads = wk["threads"] if name == "one process" else f"{wk['threads_per_worker']} per worker"
             lines.append(f"| {name} | {threads} | {rate:.3f} |")

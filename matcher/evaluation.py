@@ -342,7 +342,10 @@ def _finish_pair(pair: LoadedPair, jobs: dict[str, Future | None], matchers: dic
         else:
             try:
                 job = jobs[label]
-                prediction, seconds = timed_match(matcher, pair.image0, pair.image1, resize) if job is None else MatcherPool.result(job)
+                if job is None:
+                    prediction, seconds = timed_match(matcher, pair.image0, pair.image1, resize)
+                else:
+                    prediction, seconds = MatcherPool.result(job)
                 caches[label].put(pair.key, prediction, seconds)
             except WorkerDied:
                 raise  # the run cannot go on; the pairs finished before are cached, so a rerun resumes there
@@ -576,7 +579,8 @@ def open_pool(args: argparse.Namespace, names: Sequence[str]) -> MatcherPool | N
     if args.workers == 1:
         return None
     if args.device != "cpu":
-        raise SystemExit(f"error: --workers {args.workers} is for --device cpu (got {args.device}: one process keeps a GPU busy)")
+        raise SystemExit(f"error: --workers {args.workers} is for --device cpu (got {args.device}: one process keeps a "
+                         "GPU busy)")
     build = functools.partial(build_matchers, list(names), args.device, args.config, feature_dtype_argument(args),
                               args.max_coarsest_tokens)
     return MatcherPool(build, args.workers, args.device, reuse_memory=True)

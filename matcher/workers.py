@@ -4,10 +4,11 @@ One pair through the model does not scale with cores: many of its operations are
 memory, so on 2 cores of an AMD EPYC one pair took 7.4 s with 1 thread and 5.3 s with 2 (1.4x). Two
 processes of one thread each matched 1.23-1.28x as many pairs per second as one process of two threads
 (threads of one process gained 1.07x: the interpreter lock); ``eval/pose.py`` on 40 synthetic 320x240 pairs
-took 60-66 s with ``--workers 2`` against 80-83 s without, and ``eval/benchmark.py --sections workers`` (640x480,
-where the two processes lean more on the shared caches and memory bandwidth) measures 1.15-1.16x. :class:`MatcherPool` runs such processes, each
-with its own copy of the matchers and an equal share of torch's threads; the evaluation scripts and
-``matcher.match_pairs`` use it with ``--workers N``. GPUs gain nothing from it and are refused.
+took 60-66 s with ``--workers 2`` against 80-83 s without, and ``eval/benchmark.py --sections workers``
+(640x480, where the two processes lean more on the shared caches and memory bandwidth) measures 1.15-1.16x.
+:class:`MatcherPool` runs such processes, each with its own copy of the matchers and an equal share of torch's
+threads; the evaluation scripts and ``matcher.match_pairs`` use it with ``--workers N``. GPUs gain nothing from
+it and are refused.
 
 Workers are started with ``spawn`` (a fork would copy torch's thread pools in an undefined state), so what
 is sent to them, the matcher builder and each job's function and arguments, must be picklable:

@@ -61,7 +61,8 @@ def test_pool_runs_jobs_on_each_workers_own_matchers() -> None:
         results = [MatcherPool.result(pool.submit(describe_worker, label, i)) for i, label in enumerate(["shift", "other"] * 3)]
     assert {pid for pid, *_ in results}.isdisjoint({os.getpid()})
     assert {threads for _, threads, *_ in results} == {threads_per_worker(2)} == {pool.threads}
-    assert [(shift, value) for _, _, shift, value in results] == [((3.0, -2.0) if i % 2 == 0 else (-1.0, 1.0), i) for i in range(6)]
+    expected = [((3.0, -2.0) if i % 2 == 0 else (-1.0, 1.0), i) for i in range(6)]
+    assert [(shift, value) for _, _, shift, value in results] == expected
 
 
 def test_pool_returns_job_errors_and_reports_a_dead_worker() -> None:

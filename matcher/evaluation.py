@@ -19,18 +19,18 @@ import math
 import platform
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import h5py
 import numpy as np
 
 from matcher.baselines import BASELINE_NAMES, build_matcher, empty_matches
-from matcher.workers import MatcherPool, WorkerDied, threads_per_worker
+from matcher.workers import MatcherPool, WorkerDied, submitted_ahead, threads_per_worker
 
 #: Version of the cache layout and of what it holds; a cache written with another is refused. 2: keypoints
 #: of resized images map back with pixel centres at integers (``image_io.to_input_pixels``), not by scaling.
@@ -308,23 +308,24 @@ def run_pairs(
     result = RunResult(records={label: [] for label in matchers})
     result.computed = {label: 0 for label in matchers}
     result.cached = {label: 0 for label in matchers}
-    in_flight: deque[tuple[LoadedPair, dict[str, Future | None]]] = deque()
-    ahead = 0 if pool is None else 2 * pool.workers  # pairs submitted beyond the one being finished
-    for index in tqdm(range(num_pairs), desc=description, unit="pair", disable=not progress, dynamic_ncols=True):
-        try:
-            pair = load_pair(index)
-        except Exception as err:  # any unreadable file / missing pose: report, skip, go on
-            result.skipped.append({"index": index, "reason": f"{type(err).__name__}: {err}"})
-            continue
-        for image in (pair.image0, pair.image1):
-            result.image_sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
-        jobs = {label: None if pool is None or pair.key in caches[label]
+
+    def loaded_pairs() -> Iterator[LoadedPair]:
+        for index in tqdm(range(num_pairs), desc=description, unit="pair", disable=not progress, dynamic_ncols=True):
+            try:
+                pair = load_pair(index)
+            except Exception as err:  # any unreadable file / missing pose: report, skip, go on
+                result.skipped.append({"index": index, "reason": f"{type(err).__name__}: {err}"})
+                continue
+            for image in (pair.image0, pair.image1):
+                result.image_sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+            yield pair
+
+    def submit(pair: LoadedPair) -> dict[str, Future | None]:  # the uncached matchers' jobs (no pool: none)
+        return {label: None if pool is None or pair.key in caches[label]
                 else pool.submit(timed_match, label, pair.image0, pair.image1, resize) for label in matchers}
-        in_flight.append((pair, jobs))
-        while len(in_flight) > ahead:
-            _finish_pair(*in_flight.popleft(), matchers, caches, evaluate, resize, result)
-    while in_flight:
-        _finish_pair(*in_flight.popleft(), matchers, caches, evaluate, resize, result)
+
+    for pair, jobs in submitted_ahead(loaded_pairs(), submit, 0 if pool is None else 2 * pool.workers):
+        _finish_pair(pair, jobs, matchers, caches, evaluate, resize, result)
     return result
 
 
@@ -473,11 +474,23 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         "(coarse.max_coarsest_tokens; default: the config's, null in the shipped ones)")
     parser.add_argument("--overwrite-cache", action="store_true", help="discard existing prediction caches")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_workers_argument(parser)
+
+
+def add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    """``--workers N`` (here and in ``matcher.match_pairs``); :func:`workers_device_error` checks it."""
     parser.add_argument("--workers", type=positive_int_argument, default=1,
                         help="CPU: match in N worker processes, each with 1/N of the threads (more pairs per second "
-                        "where one pair does not keep the cores busy: 1.15-1.33x with 2 on 2 cores; each worker first loads "
-                        "the model, so from a few dozen pairs); each pair's time is then measured inside its worker "
-                        "(default 1: no workers)")
+                        "where one pair does not keep the cores busy: 1.15-1.33x with 2 on 2 cores; each worker first "
+                        "loads the model, so from a few dozen pairs); each pair's time is then measured inside its "
+                        "worker (default 1: no workers)")
+
+
+def workers_device_error(args: argparse.Namespace) -> str | None:
+    """Why ``--workers`` cannot go with ``--device``, or None."""
+    if args.workers > 1 and args.device != "cpu":
+        return f"--workers {args.workers} is for --device cpu (got {args.device}: one process keeps a GPU busy)"
+    return None
 
 
 #: What the model configs' default precision means, for help texts and protocols.
@@ -576,11 +589,10 @@ def device_argument(value: str) -> str:
 def open_pool(args: argparse.Namespace, names: Sequence[str]) -> MatcherPool | None:
     """The :class:`~matcher.workers.MatcherPool` of ``--workers`` (None for 1), whose workers build the
     matchers ``names`` as :func:`build_matchers` does here. SystemExit (usage error) for a GPU device."""
+    if error := workers_device_error(args):
+        raise SystemExit(f"error: {error}")
     if args.workers == 1:
         return None
-    if args.device != "cpu":
-        raise SystemExit(f"error: --workers {args.workers} is for --device cpu (got {args.device}: one process keeps a "
-                         "GPU busy)")
     build = functools.partial(build_matchers, list(names), args.device, args.config, feature_dtype_argument(args),
                               args.max_coarsest_tokens)
     return MatcherPool(build, args.workers, args.device, reuse_memory=True)

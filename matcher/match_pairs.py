@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections import defaultdict, deque
-from concurrent.futures import Future
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .allocator import reuse_freed_memory
-from .workers import MatcherPool, WorkerDied
+from .workers import MatcherPool, WorkerDied, submitted_ahead
 
 RAW_KEYS = ("raw_keypoints0", "raw_keypoints1", "raw_scores")
 #: Attribute of both files this tool writes: the matcher settings of the run (what a resumed run must match).
@@ -145,13 +144,9 @@ def match_all(matcher: Any, pairs: Sequence[tuple[str, str]], image_dir: Path, o
     pairs are matched in its workers, a few ahead, and stored in order."""
     failures = []
     todo = pending_pairs(pairs, out)
-    ahead = 0 if pool is None else 2 * pool.workers
-    jobs: deque[tuple[str, str, Future | None]] = deque()
-    for done, (name0, name1) in enumerate(tqdm(todo, desc="matching", unit="pair", disable=None)):
-        while len(jobs) <= ahead and done + len(jobs) < len(todo):  # keep the workers fed
-            n0, n1 = todo[done + len(jobs)]
-            jobs.append((n0, n1, None if pool is None else pool.submit(match_files, "matcher", image_dir, n0, n1, resize)))
-        _, _, job = jobs.popleft()
+    submit = lambda pair: None if pool is None else pool.submit(match_files, "matcher", image_dir, *pair, resize)  # noqa: E731
+    jobs = submitted_ahead(todo, submit, 0 if pool is None else 2 * pool.workers)
+    for (name0, name1), job in tqdm(jobs, total=len(todo), desc="matching", unit="pair", disable=None):
         try:
             raw = match_files(matcher, image_dir, name0, name1, resize) if job is None else MatcherPool.result(job)
         except (ValueError, FileNotFoundError) as err:
@@ -260,8 +255,8 @@ def check_keypoints_file(path: Path, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .evaluation import (
-        add_precision_arguments, canonical_json, device_argument, feature_dtype_argument, long_side_argument, matcher_fingerprint,
-        positive_int_argument, set_feature_dtype,
+        add_precision_arguments, add_workers_argument, canonical_json, device_argument, feature_dtype_argument, long_side_argument,
+        matcher_fingerprint, set_feature_dtype, workers_device_error,
     )
     from .model import matcher_with_description
 
@@ -277,15 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", type=device_argument, help="cpu, cuda or cuda:N")
     add_precision_arguments(p, default=None)
     p.add_argument("--overwrite", action="store_true", help="discard what --out already holds")
-    p.add_argument("--workers", type=positive_int_argument, default=1,
-                   help="CPU: match in N worker processes, each with 1/N of the threads (more pairs per second where "
-                   "one pair does not keep the cores busy: 1.15-1.33x with 2 on 2 cores; each worker first loads the model, so "
-                   "from a few dozen pairs; default 1: no workers)")
+    add_workers_argument(p)
     args = p.parse_args(argv)
     if not args.merge_px > 0:
         p.error(f"--merge-px must be positive, got {args.merge_px}")
-    if args.workers > 1 and args.device != "cpu":
-        p.error(f"--workers {args.workers} is for --device cpu (got {args.device}: one process keeps a GPU busy)")
+    if error := workers_device_error(args):
+        p.error(error)
 
     out_path = Path(args.out)
     keypoints_path = Path(args.keypoints_out) if args.keypoints_out else out_path.with_name(f"{out_path.stem}-keypoints.h5")

@@ -20,7 +20,11 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+Item = TypeVar("Item")
+
 
 class WorkerDied(RuntimeError):
     """A worker process of a :class:`MatcherPool` ended while jobs were left (out of memory, say)."""
@@ -57,6 +61,18 @@ def threads_per_worker(workers: int, threads: int | None = None) -> int:
 
         threads = torch.get_num_threads()
     return max(1, threads // workers)
+
+
+def submitted_ahead(items: Iterable[Item], submit: Callable[[Item], Any], ahead: int) -> Iterator[tuple[Item, Any]]:
+    """``(item, submit(item))`` for each of ``items``, in order, each ``submit`` called up to ``ahead`` items
+    before its item is handed on: what keeps a pool's workers busy while the caller finishes items in order."""
+    pending: deque[tuple[Item, Any]] = deque()
+    for item in items:
+        pending.append((item, submit(item)))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
 
 
 class MatcherPool:

@@ -19,7 +19,7 @@ import torch
 
 from matcher import match_pairs as mp
 from matcher.evaluation import LoadedPair, PredictionCache, open_pool, run_pairs, timing_protocol
-from matcher.workers import MatcherPool, WorkerDied, threads_per_worker
+from matcher.workers import MatcherPool, WorkerDied, submitted_ahead, threads_per_worker
 
 
 class ShiftMatcher:
@@ -87,6 +87,18 @@ def test_threads_per_worker_and_refused_settings() -> None:
     assert "worker processes" not in timing_protocol(argparse.Namespace(workers=1, device="cpu"))
     threads = threads_per_worker(3)
     assert f"one of 3 worker processes of {threads} thread" in timing_protocol(argparse.Namespace(workers=3, device="cpu"))
+
+
+def test_submitted_ahead_hands_items_on_in_order_after_submitting_ahead() -> None:
+    def run(items, ahead):
+        submitted: list[int] = []
+        handed = [(item, job, len(submitted))  # (item, its job, items submitted when it was handed on)
+                  for item, job in submitted_ahead(items, lambda i: submitted.append(i) or 10 * i, ahead)]
+        return handed, submitted
+
+    assert run(range(5), 2) == ([(0, 0, 3), (1, 10, 4), (2, 20, 5), (3, 30, 5), (4, 40, 5)], [0, 1, 2, 3, 4])
+    assert run(range(3), 0) == ([(0, 0, 1), (1, 10, 2), (2, 20, 3)], [0, 1, 2])  # no look-ahead: one at a time
+    assert run([], 3) == ([], [])
 
 
 # ----------------------------------------------------------------------------------------------- evaluation loop

@@ -153,7 +153,7 @@ def test_from_pretrained_reads_an_existing_file_without_suffix(tmp_path):
 
 def test_blank_image_gives_zero_matches():
     model = Matcher(load_config("lite")).eval()
-    out = model.match(np.full((240, 320), 128, np.uint8), np.full((240, 320), 128, np.uint8))
+    out = model.match(np.full((240, 320), 128, np.uint8), np.full((240, 320), 128, np.uint8), resize=None)
     assert out["keypoints0"].shape == (0, 2) and out["keypoints1"].shape == (0, 2) and out["confidence"].shape == (0,)
 
 
@@ -208,15 +208,15 @@ def test_match_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
     torch.manual_seed(0)
     m = Matcher(load_config("lite", match_coarse={"thr": 0.0}))
     image0, image1 = textured_image(96, 128, seed=1), textured_image(96, 128, seed=2)
-    reference = m.eval().match(image0, image1)
+    reference = m.eval().match(image0, image1, resize=None)
     stats = [b.running_mean.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
     m.train()
-    result = m.match(image0, image1)
+    result = m.match(image0, image1, resize=None)
     assert m.training
     np.testing.assert_array_equal(result["keypoints1"], reference["keypoints1"])
     after = [b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
     assert all(torch.equal(a, b) for a, b in zip(stats, after))
     m.backbone.eval()  # fine-tuning with a frozen backbone: each module's own mode comes back
-    m.match(image0, image1)
+    m.match(image0, image1, resize=None)
     assert m.training and not any(module.training for module in m.backbone.modules())
     assert m.loftr_coarse.training

@@ -19,34 +19,26 @@ the ORIGINAL image1 (whatever ``--resize`` the matchers use). SIFT and ORB rows 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
-from matcher.allocator import reuse_freed_memory
 from matcher.evaluation import (
-    CacheMismatchError,
     Column,
     LoadedPair,
     add_common_arguments,
-    build_matchers,
-    close_all,
-    feature_dtype_argument,
     finite_mean,
     long_side_argument,
-    matcher_names,
     numerics_protocol,
-    open_caches,
-    open_pool,
     pairs_summary,
-    run_pairs,
+    report_run,
+    run_script,
+    run_script_pairs,
     size_summary,
     software_versions,
     timing_protocol,
-    write_results,
 )
 from matcher.data.homography import (  # the generator lives in the package; re-exported here (see __all__)
     IMAGE_SUFFIXES,
@@ -63,7 +55,6 @@ from matcher.metrics import (
     homography_corner_error,
     homography_match_accuracy,
 )
-from matcher.workers import WorkerDied
 
 __all__ = [
     "IMAGE_SUFFIXES", "generate_homography_pair", "list_images", "photometric_change", "random_homography",
@@ -224,62 +215,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     listed = num_pairs
     if args.max_pairs is not None:
         num_pairs = min(num_pairs, args.max_pairs)
-    names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
-    caches = open_caches(args.out, prefix, names, matchers, data_fingerprint, args.overwrite_cache)
-    pool = None
-    try:
-        pool = open_pool(args, names)
-        run = run_pairs(
-            num_pairs,
-            load,
-            matchers,
-            caches,
-            lambda pred, pair: evaluate_homography_pair(pred, pair.truth, args.h_ransac_thr),
-            resize=args.resize,
-            progress=not args.no_progress,
-            description=prefix,
-            pool=pool,
-        )
-    finally:
-        close_all(caches.values())
-        if pool is not None:
-            pool.close()
+    run, labels = run_script_pairs(
+        args,
+        prefix,
+        num_pairs,
+        load,
+        lambda pred, pair: evaluate_homography_pair(pred, pair.truth, args.h_ransac_thr),
+        data_fingerprint,
+        description=prefix,
+    )
     rows = [summarize_homography(label, recs, len(run.skipped)) for label, recs in run.records.items()]
     title = f"Homography: {data_fingerprint['source']}"
     protocol = homography_protocol(args, data_fingerprint, run.image_sizes, listed)
-    details = {
-        "matchers": dict(zip(matchers, names)),
-        "computed": run.computed,
-        "cached": run.cached,
-        "skipped_pairs": run.skipped,
-        "per_pair": run.records,
-    }
-    stem = prefix.replace("-", "_")
-    json_path, md_path, markdown = write_results(args.out, stem, title, rows, HOMOGRAPHY_COLUMNS, protocol, details)
-    print(markdown)
-    for item in run.skipped:
-        print(f"skipped pair {item['index']}: {item['reason']}", file=sys.stderr)
-    print(f"computed {run.computed}, from cache {run.cached}; tables: {json_path}, {md_path}")
-    return {
-        "rows": rows,
-        "markdown": markdown,
-        "json_path": json_path,
-        "md_path": md_path,
-        "computed": run.computed,
-        "cached": run.cached,
-        "skipped": run.skipped,
-        "records": run.records,
-    }
+    return report_run(args.out, prefix.replace("-", "_"), title, rows, HOMOGRAPHY_COLUMNS, protocol, run, labels)
 
 
 if __name__ == "__main__":
-    reuse_freed_memory()  # process-wide malloc tuning, for command-line runs only (see matcher/allocator.py)
-    try:
-        main()
-    except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except WorkerDied as err:
-        print(f"error: {err}; the pairs finished before are cached, so a rerun resumes there", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -32,27 +32,20 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from matcher.allocator import reuse_freed_memory
 from matcher.evaluation import (
-    CacheMismatchError,
     Column,
     LoadedPair,
     add_common_arguments,
-    build_matchers,
-    close_all,
-    feature_dtype_argument,
     finite_mean,
     long_side_argument,
-    matcher_names,
     numerics_protocol,
-    open_caches,
-    open_pool,
     pairs_summary,
-    run_pairs,
+    report_run,
+    run_script,
+    run_script_pairs,
     size_summary,
     software_versions,
     timing_protocol,
-    write_results,
 )
 from matcher.image_io import read_image_gray
 from matcher.metrics import (
@@ -63,7 +56,6 @@ from matcher.metrics import (
     pose_auc,
 )
 from matcher.validation import pair_pose_metrics
-from matcher.workers import WorkerDied
 
 #: Number of values on a line of a pairs-with-ground-truth file.
 PAIRS_LINE_VALUES = 2 + 2 + 9 + 9 + 16
@@ -363,68 +355,28 @@ def precision_threshold(args: argparse.Namespace) -> float:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints the table and returns ``{"rows", "markdown", "json_path", "md_path",
-    "computed", "cached", "skipped"}``. Raises CacheMismatchError when a cache holds other settings."""
+    "computed", "cached", "skipped", "records"}``. Raises CacheMismatchError when a cache holds other
+    settings."""
     args = build_parser().parse_args(argv)
     if warning := opencv_pose_warning():
         print(f"warning: {warning}", file=sys.stderr)
     dataset, data_fingerprint = build_dataset(args)
     data_fingerprint = {**data_fingerprint, "resize": args.resize}
     num_pairs = len(dataset) if args.max_pairs is None else min(args.max_pairs, len(dataset))
-    names = matcher_names(args.matcher, not args.no_baselines)
-    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
-    caches = open_caches(args.out, f"pose-{args.dataset}", names, matchers, data_fingerprint, args.overwrite_cache)
-    pool = None
-    try:
-        pool = open_pool(args, names)
-        run = run_pairs(
-            num_pairs,
-            lambda i: load_sample_pair(dataset, i),
-            matchers,
-            caches,
-            lambda pred, pair: evaluate_pose_pair(pred, pair.truth, args.ransac_thr, args.ransac_conf, precision_threshold(args)),
-            resize=args.resize,
-            progress=not args.no_progress,
-            description=f"pose/{args.dataset}",
-            pool=pool,
-        )
-    finally:
-        close_all(caches.values())
-        if pool is not None:
-            pool.close()
+    run, labels = run_script_pairs(
+        args,
+        f"pose-{args.dataset}",
+        num_pairs,
+        lambda i: load_sample_pair(dataset, i),
+        lambda pred, pair: evaluate_pose_pair(pred, pair.truth, args.ransac_thr, args.ransac_conf, precision_threshold(args)),
+        data_fingerprint,
+        description=f"pose/{args.dataset}",
+    )
     rows = [summarize_pose(label, recs, len(run.skipped)) for label, recs in run.records.items()]
     title = f"Relative pose: {args.dataset}"
     protocol = pose_protocol(args, data_fingerprint, run.image_sizes, len(dataset), dropped_pairs(dataset))
-    details = {
-        "matchers": dict(zip(matchers, names)),
-        "computed": run.computed,
-        "cached": run.cached,
-        "skipped_pairs": run.skipped,
-        "per_pair": run.records,
-    }
-    json_path, md_path, markdown = write_results(args.out, f"pose_{args.dataset}", title, rows, POSE_COLUMNS, protocol, details)
-    print(markdown)
-    for item in run.skipped:
-        print(f"skipped pair {item['index']}: {item['reason']}", file=sys.stderr)
-    print(f"computed {run.computed}, from cache {run.cached}; tables: {json_path}, {md_path}")
-    return {
-        "rows": rows,
-        "markdown": markdown,
-        "json_path": json_path,
-        "md_path": md_path,
-        "computed": run.computed,
-        "cached": run.cached,
-        "skipped": run.skipped,
-        "records": run.records,
-    }
+    return report_run(args.out, f"pose_{args.dataset}", title, rows, POSE_COLUMNS, protocol, run, labels)
 
 
 if __name__ == "__main__":
-    reuse_freed_memory()  # process-wide malloc tuning, for command-line runs only (see matcher/allocator.py)
-    try:
-        main()
-    except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except WorkerDied as err:
-        print(f"error: {err}; the pairs finished before are cached, so a rerun resumes there", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -4,6 +4,8 @@
 - a per-(matcher, pair) prediction cache in HDF5 that refuses to mix configurations,
 - the pair loop (load -> match, cached -> evaluate), robust to unreadable pairs,
 - results tables written as JSON and Markdown, with the protocol stated beside the numbers,
+- what both scripts do around their own data and metrics: the pair loop with caches and workers, the
+  report, the command-line entry with its exit statuses,
 - the ``--device`` check the demos and ``matcher.match_pairs`` share with them.
 
 It lives in the package so that the scripts and the tests import it like any other module.
@@ -18,6 +20,7 @@ import json
 import math
 import platform
 import re
+import sys
 import time
 from collections import Counter
 from concurrent.futures import Future
@@ -29,6 +32,7 @@ import cv2
 import h5py
 import numpy as np
 
+from matcher.allocator import reuse_freed_memory
 from matcher.baselines import BASELINE_NAMES, build_matcher, empty_matches
 from matcher.workers import MatcherPool, WorkerDied, submitted_ahead, threads_per_worker
 
@@ -627,6 +631,66 @@ def open_caches(
 def close_all(caches: Iterable[PredictionCache]) -> None:
     for cache in caches:
         cache.close()
+
+
+# ----------------------------------------------------------------------------------------------- scripts
+def run_script_pairs(
+    args: argparse.Namespace,
+    prefix: str,
+    num_pairs: int,
+    load_pair: Callable[[int], LoadedPair],
+    evaluate: Callable[[dict[str, np.ndarray], LoadedPair], dict[str, Any]],
+    data_fingerprint: dict[str, Any],
+    description: str,
+) -> tuple[RunResult, dict[str, str]]:
+    """The pair loop of an evaluation script: builds the matchers of ``--matcher`` (and the baselines) as
+    the common arguments say, opens their caches (``{out}/cache/{prefix}-{label}.h5``) and, with
+    ``--workers``, the worker pool, runs :func:`run_pairs` and closes both. Returns the run and
+    ``{label: name}`` of the matchers."""
+    names = matcher_names(args.matcher, not args.no_baselines)
+    matchers = build_matchers(names, args.device, args.config, feature_dtype_argument(args), args.max_coarsest_tokens)
+    caches = open_caches(args.out, prefix, names, matchers, data_fingerprint, args.overwrite_cache)
+    pool = None
+    try:
+        pool = open_pool(args, names)
+        run = run_pairs(num_pairs, load_pair, matchers, caches, evaluate, resize=args.resize,
+                        progress=not args.no_progress, description=description, pool=pool)
+    finally:
+        close_all(caches.values())
+        if pool is not None:
+            pool.close()
+    return run, dict(zip(matchers, names))
+
+
+def report_run(out_dir: str | Path, stem: str, title: str, rows: Sequence[dict[str, Any]], columns: Sequence[Column],
+               protocol: dict[str, Any], run: RunResult, labels: dict[str, str]) -> dict[str, Any]:
+    """Write an evaluation script's tables (:func:`write_results`, with the per-pair records), print them,
+    the skipped pairs and the counts. Returns what the scripts' ``main`` returns: ``{"rows", "markdown",
+    "json_path", "md_path", "computed", "cached", "skipped", "records"}``."""
+    details = {"matchers": labels, "computed": run.computed, "cached": run.cached, "skipped_pairs": run.skipped,
+               "per_pair": run.records}
+    json_path, md_path, markdown = write_results(out_dir, stem, title, rows, columns, protocol, details)
+    print(markdown)
+    for item in run.skipped:
+        print(f"skipped pair {item['index']}: {item['reason']}", file=sys.stderr)
+    print(f"computed {run.computed}, from cache {run.cached}; tables: {json_path}, {md_path}")
+    return {"rows": rows, "markdown": markdown, "json_path": json_path, "md_path": md_path, "computed": run.computed,
+            "cached": run.cached, "skipped": run.skipped, "records": run.records}
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Command-line entry of an evaluation script: malloc tuned for the process (``matcher.allocator``),
+    then ``main()``; a refused cache, a missing file, a bad value or a missing package is one line and exit
+    status 2, a dead worker exit status 1 (the pairs finished before it are cached)."""
+    reuse_freed_memory()
+    try:
+        main()
+    except (CacheMismatchError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except WorkerDied as err:
+        print(f"error: {err}; the pairs finished before are cached, so a rerun resumes there", file=sys.stderr)
+        sys.exit(1)
 
 
 def finite_mean(values: Iterable[float]) -> float:

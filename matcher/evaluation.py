@@ -4,8 +4,8 @@
 - a per-(matcher, pair) prediction cache in HDF5 that refuses to mix configurations,
 - the pair loop (load -> match, cached -> evaluate), robust to unreadable pairs,
 - results tables written as JSON and Markdown, with the protocol stated beside the numbers,
-- what both scripts do around their own data and metrics: the pair loop with caches and workers, the
-  report, the command-line entry with its exit statuses,
+- what both scripts do around their own data and metrics: matchers, caches and worker pool around the
+  pair loop, the report, the command-line entry with its exit statuses,
 - the ``--device`` check the demos and ``matcher.match_pairs`` share with them.
 
 It lives in the package so that the scripts and the tests import it like any other module.

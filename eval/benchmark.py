@@ -14,7 +14,8 @@ configuration the model runs by default on this machine (``inference.feature_dty
 CPUs with native bf16, else fp32); fp32 is timed beside it. Peak memory on CPU is measured
 in a child process per configuration (peak resident set minus the resident set before the run), on CUDA
 with ``torch.cuda.max_memory_allocated``. Results: a Markdown table on stdout, and ``benchmark.json`` (all
-raw numbers) + ``benchmark.md`` in ``--out``.
+raw numbers) + ``benchmark.md`` in ``--out``, rewritten before each section (a run stopped early keeps its
+finished sections, marked partial).
 
 Weights: timings use seeded random weights with the coarse threshold at 0, so every mutual nearest neighbour
 is a match and the fine stage runs as with trained weights (speed depends on weights only through the number
@@ -864,6 +865,9 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"(CPU capability {m['cpu_capability']}). Matmul rate: "
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in results["matmul_gflops"].items())
              + (". malloc: freed blocks kept for reuse (matcher/allocator.py)" if m.get("reuse_freed_memory") else ". malloc: system defaults"), ""]
+    if not results.get("complete", True):
+        lines += ["**Partial report**: the run had not finished when this was written (still running, or stopped by "
+                  "an error or a time limit); the sections below are complete.", ""]
     if "e2e" in results:
         e = results["e2e"]
         lines += [f"## End to end, one {e['hw'][1]}x{e['hw'][0]} pair", "", "| configuration | s / pair | matches |", "|:---|---:|---:|"]
@@ -1018,6 +1022,18 @@ def render_profile(prof: dict[str, Any], device: str) -> list[str]:
     return lines
 
 
+def write_report(results: dict[str, Any], out: Path) -> str:
+    """Write ``benchmark.json`` and ``benchmark.md`` (ratios of what ``results`` holds) under ``out`` and
+    return the Markdown. Called before each section too, so a run stopped early keeps its finished sections
+    (``complete`` stays false and the report says so)."""
+    results["ratios"] = ratios_of(results)
+    markdown = render_markdown(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "benchmark.md").write_text(markdown)
+    return markdown
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1052,31 +1068,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bf16 = torch.bfloat16 if (cuda or "avx512" in torch.backends.cpu.get_cpu_capability().lower()) else None
     reuse_memory = not args.system_malloc and reuse_freed_memory()
-    results: dict[str, Any] = {"quick": quick, "machine": {**machine_info(device), "reuse_freed_memory": reuse_memory}, "repeats": repeats}
+    results: dict[str, Any] = {"quick": quick, "machine": {**machine_info(device), "reuse_freed_memory": reuse_memory},
+                               "repeats": repeats, "complete": False}
     n = 1024 if quick else 2048
     results["matmul_gflops"] = {"fp32": matmul_gflops(device, torch.float32, n)}
     if bf16 is not None:
         results["matmul_gflops"]["bf16"] = matmul_gflops(device, bf16, n)
     e2e_hw = (96, 128) if quick else (480, 640)
-    if "e2e" in sections:
-        print("end to end ...", flush=True)
+    out = Path(args.out)
+
+    def starting(section: str, what: str) -> bool:
+        """Whether ``section`` was asked for; if so, first writes the report of the sections before it (a run
+        stopped by a time limit keeps what it finished) and says what starts."""
+        if section not in sections:
+            return False
+        write_report(results, out)
+        print(f"{what} ...", flush=True)
+        return True
+
+    if starting("e2e", "end to end"):
         results["e2e"] = section_e2e(e2e_hw, device, target_repeats, with_kornia=True, autocast=bf16)
     autocasts = [bf16] if bf16 is not None else []
     if cuda:
         autocasts.append(torch.float16)
-    if "agreement" in sections and (autocasts or device == "cpu"):
-        print("agreement of the faster paths ...", flush=True)
+    if (autocasts or device == "cpu") and starting("agreement", "agreement of the faster paths"):
         results["agreement"] = section_agreement(e2e_hw, device, autocasts)
-    if "attention" in sections:
-        print("attention ...", flush=True)
+    if starting("attention", "attention"):
         grids = [(8, 8), (16, 16), (32, 32)] if quick else [(60, 80), (120, 160), (240, 320)]
         results["attention"] = section_attention(grids, device, threads, target_repeats, sdpa_budget_s=30 if quick else 300,
                                                   reuse_memory=reuse_memory)
-    if "matching" in sections:
-        print("coarse matching ...", flush=True)
+    if starting("matching", "coarse matching"):
         results["matching"] = section_matching([(96, 128), (240, 320)] if quick else [(480, 640), (1200, 1600)], device, repeats)
-    if "memory" in sections:
-        print("peak memory ...", flush=True)
+    if starting("memory", "peak memory"):
         hw = (240, 320) if quick else (1200, 1600)
         spec = {"kind": "pair", "model": "ours", "config": "quadtree_b_indoor", "hw": list(hw), "device": device, "threads": threads,
                 "reuse_freed_memory": reuse_memory}
@@ -1086,12 +1109,10 @@ def main(argv: list[str] | None = None) -> int:
         # the same pair with the coarsest QuadTree level bounded (levels added)
         bound = 20 if quick else MEMORY_BOUND  # quick: 320x240, coarsest 8 x 10 with 3 levels
         results["memory"]["bounded"] = {"max_coarsest_tokens": bound, **run_child({**spec, "max_coarsest_tokens": bound})}
-    if "winograd" in sections and device == "cpu":
-        print("Winograd vs direct convolution by width ...", flush=True)
+    if device == "cpu" and starting("winograd", "Winograd vs direct convolution by width"):
         widths, hw = ([8, 16, 32], (16, 24)) if quick else ([64, 96, 128, 160, 196, 256], (120, 160))
         results["winograd"] = section_winograd(widths, hw, repeats if quick else max(repeats, 7))
-    if "flops" in sections:
-        print("FLOPs per stage ...", flush=True)
+    if starting("flops", "FLOPs per stage"):
         rates = results["matmul_gflops"]
         rates["fp32"] = max(rates["fp32"], matmul_gflops(device, torch.float32, n))
         if cuda:
@@ -1099,23 +1120,15 @@ def main(argv: list[str] | None = None) -> int:
         results["flops"] = section_flops(e2e_hw, device, repeats, rates)
         if resolve_feature_dtype("auto", device) == torch.bfloat16:  # the default here: its stages too
             results["flops_default"] = section_flops(e2e_hw, device, repeats, rates, "bfloat16")
-    if "workers" in sections and device == "cpu" and threads > 1:
-        print("many pairs: one process vs worker processes ...", flush=True)
+    if device == "cpu" and threads > 1 and starting("workers", "many pairs: one process vs worker processes"):
         results["workers"] = section_workers((96, 128) if quick else e2e_hw, 2 if quick else 8, 2, 1 if quick else 3)
-    if "gpu" in sections and cuda:
-        print("GPU throughput ...", flush=True)
+    if cuda and starting("gpu", "GPU throughput"):
         results["gpu"] = section_throughput(GPU_SIZES, device, max(repeats, 5), autocasts)
-    if "profile" in sections:
-        print("profile ...", flush=True)
+    if starting("profile", "profile"):
         hw = (96, 128) if quick else GPU_SIZES[-1] if cuda else e2e_hw
         results["profile"] = section_profile(hw, device, repeats)
-    results["ratios"] = ratios_of(results)
-    markdown = render_markdown(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "benchmark.md").write_text(markdown)
-    print(markdown)
+    results["complete"] = True
+    print(write_report(results, out))
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
     return 0
 

@@ -189,6 +189,22 @@ def test_ratios_from_results(bench):
     assert bench.ratios_of({})["gpu_time_ratio_1152"] is None
 
 
+def test_a_run_stopped_in_a_section_keeps_the_report_of_the_sections_before(bench, monkeypatch, tmp_path):
+    """The report is written before each section: a section that fails (or a time limit that stops the run)
+    leaves benchmark.json / .md with the finished sections, marked partial."""
+    def fails(*args, **kwargs):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(bench, "section_flops", fails)
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main(["--quick", "--out", str(tmp_path), "--sections", "matching,flops"])
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    assert not results["complete"] and "matching" in results and "flops" not in results
+    assert [row["hw"] for row in results["matching"]["rows"]] == [[96, 128], [240, 320]]
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "**Partial report**" in markdown and "## Coarse matching" in markdown
+
+
 def test_throughput_section_times_every_configuration_and_reports_failures(bench, monkeypatch):
     """The GPU section, run on the CPU at a tiny size: every (model, dtype) configuration is timed, a failing
     model is reported with its error instead of stopping the section, and the table shows both. kornia LoFTR
@@ -270,7 +286,7 @@ def test_quick_run_writes_json_and_table(bench, tmp_path):
     sections = "e2e,agreement,attention,memory,flops"
     assert bench.main(["--quick", "--out", str(tmp_path), "--sections", sections]) == 0
     results = json.loads((tmp_path / "benchmark.json").read_text())
-    assert results["quick"] and results["machine"]["threads"] >= 1
+    assert results["quick"] and results["complete"] and results["machine"]["threads"] >= 1
     assert all(v > 0 for v in results["matmul_gflops"].values())
     e2e = results["e2e"]["seconds"]
     assert {"ours_fp32", "ours_fp32_direct_conv", "kornia_loftr_fp32"} <= set(e2e) and all(v > 0 for v in e2e.values())

@@ -1029,8 +1029,10 @@ def write_report(results: dict[str, Any], out: Path) -> str:
     results["ratios"] = ratios_of(results)
     markdown = render_markdown(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "benchmark.md").write_text(markdown)
+    for name, text in (("benchmark.json", json.dumps(results, indent=2, default=float)), ("benchmark.md", markdown)):
+        partial = out / f".{name}.partial"  # then renamed: a run killed while writing leaves the last whole file
+        partial.write_text(text)
+        partial.replace(out / name)
     return markdown
 
 

@@ -203,6 +203,7 @@ def test_a_run_stopped_in_a_section_keeps_the_report_of_the_sections_before(benc
     assert [row["hw"] for row in results["matching"]["rows"]] == [[96, 128], [240, 320]]
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "**Partial report**" in markdown and "## Coarse matching" in markdown
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["benchmark.json", "benchmark.md"]  # written whole
 
 
 def test_throughput_section_times_every_configuration_and_reports_failures(bench, monkeypatch):

@@ -161,14 +161,21 @@ def match_all(matcher: Any, pairs: Sequence[tuple[str, str]], image_dir: Path, o
     return failures
 
 
-def build_matcher_for_pairs(weights: str | None, config: str | None, device: str, feature_dtype: str | None) -> dict[str, Any]:
-    """``{"matcher": the model}`` with these settings, as :func:`main` builds it (what each worker builds)."""
+def matcher_for_pairs(weights: str | None, config: str | None, device: str, feature_dtype: str | None) -> tuple[Any, str]:
+    """The model :func:`main` matches with, on ``device`` in ``feature_dtype`` (None: the config's), and a
+    description of it (which weights, which precision)."""
     from .evaluation import set_feature_dtype
     from .model import matcher_with_description
 
-    matcher = matcher_with_description(weights, config)[0].to(device)
+    matcher, which = matcher_with_description(weights, config)
+    matcher = matcher.to(device)
     set_feature_dtype(matcher, feature_dtype)
-    return {"matcher": matcher}
+    return matcher, f"{which} (backbone + coarse transformer in {matcher.feature_dtype()})"
+
+
+def build_matcher_for_pairs(weights: str | None, config: str | None, device: str, feature_dtype: str | None) -> dict[str, Any]:
+    """``{"matcher": the model}`` of :func:`matcher_for_pairs`: what each worker builds."""
+    return {"matcher": matcher_for_pairs(weights, config, device, feature_dtype)[0]}
 
 
 def drop_unlisted_matches(pairs: Sequence[tuple[str, str]], out: h5py.File) -> int:
@@ -256,9 +263,8 @@ def check_keypoints_file(path: Path, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .evaluation import (
         add_precision_arguments, add_workers_argument, canonical_json, device_argument, feature_dtype_argument, long_side_argument,
-        matcher_fingerprint, set_feature_dtype, workers_device_error,
+        matcher_fingerprint, workers_device_error,
     )
-    from .model import matcher_with_description
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pairs", help="text file, one 'NAME0 NAME1' per line")
@@ -286,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         image_dir = Path(args.image_dir)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {image_dir}")
-        matcher, which = matcher_with_description(args.weights, args.config)
-        matcher = matcher.to(args.device)
-        set_feature_dtype(matcher, feature_dtype_argument(args))
-        which += f" (backbone + coarse transformer in {matcher.feature_dtype()})"
+        matcher, which = matcher_for_pairs(args.weights, args.config, args.device, feature_dtype_argument(args))
         resize = args.resize if args.resize is not None else "config"
         # "coordinates": resized keypoints map back with pixel centres at integers (not by scaling, as before)
         fingerprint = canonical_json({**matcher_fingerprint(matcher, "matcher"), "resize": resize,

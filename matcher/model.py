@@ -36,7 +36,7 @@ OUTPUT_KEYS = ("keypoints0", "keypoints1", "confidence", "batch_indexes")
 #: native bf16: there torch runs bf16 convolutions and batched products through slow fallbacks.
 EMULATED_BF16_WARNING = (
     "inference.feature_dtype 'bfloat16' on a CPU without native bf16 (AVX512-BF16 or AMX): torch emulates bf16 "
-    "here, which is slower than float32 (the sample pair: 48 s instead of 4.2 s on 2 cores of an AVX2 AMD EPYC); "
+    "here, which is slower than float32 (the sample pair: 46-48 s instead of 4.2 s on 2 cores of an AVX2 AMD EPYC); "
     "'auto' picks float32 on this CPU"
 )
 
